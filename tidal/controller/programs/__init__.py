@@ -1,0 +1,1 @@
+"""Algorithms written as controller programs: a step function over named stages."""

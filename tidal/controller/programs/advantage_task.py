@@ -1,0 +1,39 @@
+"""Advantages for a whole step, run as one Ray task so the driver never touches the tensors.
+
+Group estimators (GRPO, RLOO, ...) need every sample of a prompt together, so this runs over the
+full step rather than per data-parallel shard.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tidal.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, masked_mean
+from tidal.config.schema import AlgorithmConfig
+from tidal.dataflow.batch import Batch
+
+
+def compute_advantages(batch: Batch, cfg: AlgorithmConfig, kl_coef: float) -> tuple[Batch, dict[str, float]]:
+    mask = batch["response_mask"].float()
+    rewards = batch["token_rewards"].float()
+    metrics: dict[str, float] = {}
+    if cfg.use_kl_in_reward:
+        kl = KL_ESTIMATORS.get(cfg.kl_penalty)(batch["old_log_probs"], batch["ref_log_probs"]) * mask
+        rewards = rewards - kl_coef * kl
+        # mean over sequences of the per-sequence KL sum: what the adaptive controller tracks
+        metrics["kl/in_reward"] = float(kl.sum(-1).mean())
+        metrics["kl/coef"] = kl_coef
+    estimator = ADVANTAGE_ESTIMATORS.get(cfg.advantage_estimator)
+    values = batch["values"] if "values" in batch else None
+    adv, returns = estimator(rewards, mask, group_ids=list(batch["uid"]), values=values, config=cfg)
+    lengths = mask.sum(-1)
+    metrics |= {
+        "adv/mean": float(masked_mean(adv, mask)),
+        "returns/mean": float(masked_mean(returns, mask)),
+        "response/length_mean": float(lengths.mean()),
+        "response/length_max": float(lengths.max()) if len(lengths) else 0.0,
+        "response/clip_frac": float((batch["response_mask"][:, -1] > 0).float().mean()) if len(lengths) else 0.0,
+    }
+    out = Batch.from_dict({"advantages": adv.to(torch.float32), "returns": returns.to(torch.float32),
+                           "token_rewards_total": rewards.to(torch.float32)})
+    return out, metrics

@@ -1,0 +1,26 @@
+"""GRPO (critic-free): sample a group of responses per prompt, score them, and move the policy
+towards the responses that beat their group's average. Estimator and loss come from config."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from tidal.controller.programs import stages
+from tidal.controller.programs.experience import make_experience
+from tidal.controller.programs.loop import run_steps
+
+if TYPE_CHECKING:
+    from tidal.controller.job import Job
+
+
+def grpo_step(job: Job, step: int) -> dict[str, float]:
+    batch, metrics = make_experience(job, step)
+    start = time.perf_counter()
+    metrics |= stages.update_actor(job, batch)
+    metrics["perf/update_s"] = time.perf_counter() - start
+    return metrics
+
+
+def run_grpo(job: Job) -> dict[str, float]:
+    return run_steps(job, grpo_step)

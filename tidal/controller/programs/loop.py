@@ -1,0 +1,45 @@
+"""What every synchronous program shares: resume, evaluation, logging, checkpoints, progress."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from tidal.controller.programs import stages
+
+if TYPE_CHECKING:
+    from tidal.controller.job import Job
+
+StepFn = Callable[["Job", int], dict[str, float]]
+
+# Metrics shown on the progress bar (all of them go to JSONL / TensorBoard).
+BAR_KEYS = {"reward/mean": "reward", "val/reward": "val", "perf/step_s": "s/step", "actor/pg_loss": "pg"}
+
+
+def run_steps(job: Job, step_fn: StepFn) -> dict[str, float]:
+    """Run `step_fn` from the resume point to trainer.total_steps; return the last step's metrics."""
+    cfg = job.cfg
+    first = job.restore_latest_checkpoint() + 1
+    stages.sync_weights(job, version=first - 1)
+    last: dict[str, float] = {}
+    if first == 1:
+        last = stages.evaluate(job)
+        job.logger.log(0, last)
+    bar = tqdm(range(first, cfg.trainer.total_steps + 1), initial=first - 1, total=cfg.trainer.total_steps,
+               desc="train", disable=not cfg.logging.progress_bar, dynamic_ncols=True)
+    for step in bar:
+        start = time.perf_counter()
+        metrics = step_fn(job, step)
+        metrics |= stages.sync_weights(job, version=step)
+        metrics["perf/step_s"] = time.perf_counter() - start
+        every = cfg.trainer.eval_every
+        if step == cfg.trainer.total_steps or (every and step % every == 0):
+            metrics |= stages.evaluate(job)
+        job.logger.log(step, metrics)
+        bar.set_postfix({short: f"{metrics[key]:.3g}" for key, short in BAR_KEYS.items() if key in metrics})
+        job.maybe_save_checkpoint(step)
+        last = metrics
+    return last
