@@ -1,0 +1,132 @@
+"""Reduce a per-token loss matrix [N, R] to the scalar that is back-propagated.
+
+The same mini-batch is split over data-parallel ranks and, on each rank, over micro-batches whose
+gradients are accumulated. For the optimizer step to see the loss of the WHOLE mini-batch, each
+micro-batch must divide by the mini-batch's global count, not its own. So every reduction here is
+"sum over this piece / denominator", and the caller passes the global denominator:
+
+    sum over ranks and micro-batches of aggregate_loss(piece, denominator=global) == aggregate_loss(whole)
+
+`denominator` may be a number (interpreted for `mode`, see `aggregate_loss`) or a `GlobalCounts`,
+which carries both counts so that a loss forcing its own mode (GSPO, SAPO, GMPO use sequence means)
+still gets the right one. Note the convention is a SUM across ranks: frameworks that average
+gradients over ranks (FSDP, DDP) need the loss multiplied by the data-parallel size, as verl does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tidal.algorithms.masked import masked_sum
+
+LOSS_AGG_MODES: tuple[str, ...] = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+
+# TRL's `loss_type` names for the same reductions (identical whenever no row is fully padded; TRL
+# counts fully padded rows in its sequence means, we do not).
+LOSS_AGG_ALIASES: dict[str, str] = {
+    "bnpo": "token-mean",
+    "dapo": "token-mean",
+    "grpo": "seq-mean-token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+}
+
+
+@dataclass(frozen=True)
+class GlobalCounts:
+    """Valid tokens and non-empty sequences of a whole mini-batch (summed over micro-batches and ranks)."""
+
+    num_tokens: float
+    num_sequences: float
+
+    def __add__(self, other: GlobalCounts) -> GlobalCounts:
+        return GlobalCounts(self.num_tokens + other.num_tokens, self.num_sequences + other.num_sequences)
+
+
+Denominator = float | int | torch.Tensor | GlobalCounts | None
+
+
+def count_valid(mask: torch.Tensor) -> GlobalCounts:
+    """Local counts of `mask` [N, R]; sum them over micro-batches and all-reduce over ranks."""
+    return GlobalCounts(
+        num_tokens=float(mask.sum().item()),
+        num_sequences=float((mask.sum(dim=-1) > 0).sum().item()),
+    )
+
+
+def resolve_loss_agg_mode(mode: str) -> str:
+    """The canonical name of `mode` (an alias maps to its mode); ValueError for unknown names."""
+    if mode in LOSS_AGG_MODES:
+        return mode
+    if mode in LOSS_AGG_ALIASES:
+        return LOSS_AGG_ALIASES[mode]
+    raise ValueError(
+        f"unknown loss_agg_mode {mode!r}; use one of {', '.join(LOSS_AGG_MODES)} "
+        f"(or a TRL alias: {', '.join(sorted(LOSS_AGG_ALIASES))})"
+    )
+
+
+def _pick(denominator: Denominator, use_tokens: bool, local: torch.Tensor) -> torch.Tensor | float:
+    """The divisor: local count when None, else the global one; a zero count becomes 1 (no NaN)."""
+    if denominator is None:
+        return local.clamp(min=1)
+    if isinstance(denominator, GlobalCounts):
+        denominator = denominator.num_tokens if use_tokens else denominator.num_sequences
+    if isinstance(denominator, torch.Tensor):
+        return denominator.clamp(min=1)
+    return max(float(denominator), 1.0)
+
+
+def aggregate_loss(
+    loss_mat: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    denominator: Denominator = None,
+    *,
+    norm_length: int | None = None,
+) -> torch.Tensor:
+    """Scalar loss from `loss_mat` [N, R] over `mask` [N, R] (1 = counts).
+
+    Modes (fully padded rows never count as sequences):
+    - token-mean: sum of token losses / number of valid tokens.
+    - seq-mean-token-sum: mean over sequences of each sequence's token sum.
+    - seq-mean-token-mean: mean over sequences of each sequence's token mean.
+    - seq-mean-token-sum-norm (Dr. GRPO): sum of token losses / (number of sequences * norm_length),
+      i.e. each sequence's token sum divided by a CONSTANT length, then averaged over sequences.
+      `norm_length` defaults to R = loss_mat.shape[-1]; pass a fixed value (e.g. the generation
+      limit) if micro-batches are padded to different R. verl's `agg_loss` returns only the
+      numerator / norm_length (no mean over sequences) and relies on its trainer scaling by
+      1 / #micro-batches; dividing by the sequence count here makes the value batch-size free.
+
+    `denominator`: None normalises by this piece's own counts. Otherwise the global count of the
+    whole mini-batch: the number of valid tokens for token-mean, the number of non-empty sequences
+    for the three seq-mean modes (for seq-mean-token-sum-norm the divisor is that count times
+    `norm_length`). A `GlobalCounts` gives both. Zero counts are treated as 1, so an empty piece
+    (or a fully masked one) yields 0 instead of NaN.
+    """
+    mode = resolve_loss_agg_mode(mode)
+    if loss_mat.shape != mask.shape or loss_mat.dim() != 2:
+        raise ValueError(f"loss_mat {tuple(loss_mat.shape)} and mask {tuple(mask.shape)} must both be [N, R]")
+    mask = mask.to(loss_mat.dtype)
+    if mode == "token-mean":
+        return masked_sum(loss_mat, mask) / _pick(denominator, True, mask.sum())
+
+    token_counts = mask.sum(dim=-1)
+    seq_mask = (token_counts > 0).to(loss_mat.dtype)
+    seq_sums = masked_sum(loss_mat, mask, dim=-1)
+    num_seqs = _pick(denominator, False, seq_mask.sum())
+    if mode == "seq-mean-token-sum":
+        return masked_sum(seq_sums, seq_mask) / num_seqs
+    if mode == "seq-mean-token-mean":
+        seq_means = seq_sums / (token_counts + 1e-8)
+        return masked_sum(seq_means, seq_mask) / num_seqs
+    length = loss_mat.shape[-1] if norm_length is None else norm_length
+    if length <= 0:
+        raise ValueError(f"norm_length={length} must be positive (the constant length normaliser)")
+    return masked_sum(seq_sums, seq_mask) / (num_seqs * length)

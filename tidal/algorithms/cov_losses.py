@@ -1,0 +1,113 @@
+"""Clip-Cov and KL-Cov (Cui et al. 2025, "The Entropy Mechanism of RL for Reasoning LMs", arXiv 2505.22617).
+
+Entropy collapses because tokens whose log-prob and advantage co-vary strongly dominate the update.
+Both losses find such tokens by the centred product cov = (A - mean A) * (log pi - mean log pi)
+over the micro-batch's valid tokens and restrain a small fraction of them:
+- clip_cov: a random `clip_cov_ratio` fraction of tokens with lb < cov < ub (and not already clipped
+  by PPO) get no gradient at all;
+- kl_cov: the top `kl_cov_ratio` fraction by cov get a |log-ratio| penalty added.
+The selection uses statistics of the pieces it is given (as verl's), so unlike the other losses a
+split into micro-batches is not exactly the whole-batch loss. Ratio parameters default to verl's;
+bind others with functools.partial. The signature is the one in `policy_losses.py`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from tidal.algorithms.aggregation import Denominator, aggregate_loss
+from tidal.algorithms.masked import masked_mean
+from tidal.algorithms.policy_losses import POLICY_LOSSES, metrics_of, weighted
+
+if TYPE_CHECKING:
+    from tidal.config.schema import ActorConfig
+
+
+def _centred_covariance(
+    advantages: torch.Tensor, log_probs: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    log_probs = log_probs.detach()
+    return (advantages - masked_mean(advantages, mask)) * (log_probs - masked_mean(log_probs, mask))
+
+
+@POLICY_LOSSES.register("clip_cov")
+def clip_cov(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    config: ActorConfig,
+    denominator: Denominator = None,
+    is_weights: torch.Tensor | None = None,
+    clip_cov_ratio: float = 0.0002,
+    clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clip (no dual clip, no log-ratio clamp, as verl) with high-covariance tokens detached."""
+    if clip_cov_ratio <= 0:
+        raise ValueError(f"clip_cov_ratio={clip_cov_ratio} must be > 0 (the fraction of tokens to clip)")
+    log_ratio = log_probs - old_log_probs
+    ratio = torch.exp(log_ratio)
+    losses_unclipped = -advantages * ratio
+    losses_clipped = -advantages * torch.clamp(ratio, 1 - config.clip_ratio_low, 1 + config.clip_ratio_high)
+    valid = response_mask > 0
+    with torch.no_grad():
+        cov = _centred_covariance(advantages, log_probs, response_mask)
+        already_clipped = (losses_clipped > losses_unclipped) & valid
+        candidates = (cov > clip_cov_lb) & (cov < clip_cov_ub) & valid & ~already_clipped
+        positions = torch.nonzero(candidates)
+        num_clip = max(int(clip_cov_ratio * float(response_mask.sum())), 1)
+        chosen = positions[torch.randperm(len(positions), generator=generator)[:num_clip]]
+        keep = torch.ones_like(advantages)
+        keep[chosen[:, 0], chosen[:, 1]] = 0
+    pg_losses = torch.maximum(losses_unclipped, losses_clipped) * keep
+    loss = aggregate_loss(weighted(pg_losses, is_weights), response_mask, config.loss_agg_mode, denominator)
+    with torch.no_grad():
+        metrics = metrics_of(
+            pg_clipfrac=masked_mean((keep == 0).float(), response_mask),
+            ppo_kl=masked_mean(-log_ratio, response_mask),
+        )
+    return loss, metrics
+
+
+@POLICY_LOSSES.register("kl_cov")
+def kl_cov(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    config: ActorConfig,
+    denominator: Denominator = None,
+    is_weights: torch.Tensor | None = None,
+    kl_cov_ratio: float = 0.0002,
+    ppo_kl_coef: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """-A * ratio (no clip), plus ppo_kl_coef * |log ratio| on the top-covariance tokens.
+
+    The ppo_kl metric here is the mean |log ratio|, as in verl.
+    """
+    if kl_cov_ratio <= 0:
+        raise ValueError(f"kl_cov_ratio={kl_cov_ratio} must be > 0 (the fraction of tokens to penalise)")
+    log_ratio = log_probs - old_log_probs
+    ratio = torch.exp(log_ratio)
+    pg_losses = -advantages * ratio
+    valid = response_mask > 0
+    num_valid = int(valid.sum())
+    if num_valid:
+        with torch.no_grad():
+            # Statistics over the valid tokens only (verl's); padding is excluded from top-k by -inf.
+            cov = _centred_covariance(advantages, log_probs, response_mask)
+            cov = torch.where(valid, cov, torch.full_like(cov, float("-inf")))
+            top = torch.topk(cov.flatten(), max(1, int(num_valid * kl_cov_ratio))).indices
+            penalised = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)
+            penalised[top] = True
+        pg_losses = torch.where(penalised.view_as(cov), pg_losses + ppo_kl_coef * log_ratio.abs(), pg_losses)
+    loss = aggregate_loss(weighted(pg_losses, is_weights), response_mask, config.loss_agg_mode, denominator)
+    with torch.no_grad():
+        metrics = metrics_of(ppo_kl=masked_mean(log_ratio.abs(), response_mask))
+    return loss, metrics

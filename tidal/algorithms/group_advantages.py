@@ -1,0 +1,213 @@
+"""Group-relative (critic-free) advantage estimators: samples of one prompt are each other's baseline.
+
+Each sample's score is the sum of its token rewards; the advantage is a scalar per sample,
+broadcast over its valid tokens (advantages and returns are the same tensor, as in verl). Groups
+are given by `group_ids` labels of any hashable type, of any sizes, in any order. A group of one
+sample has no peers: following verl it gets mean 0 and std 1, so its advantage is its raw score
+(scaled by 1 / (1 + eps)), not 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from tidal.algorithms.advantages import ADVANTAGE_ESTIMATORS, check_shapes, group_rows
+from tidal.algorithms.masked import masked_whiten
+
+if TYPE_CHECKING:
+    from tidal.config.schema import AlgorithmConfig
+
+EPS = 1e-6  # verl's epsilon in the std division
+
+
+def _group_stats(scores: torch.Tensor, groups: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    """Per-row group mean, unbiased group std and group size (singletons: mean 0, std 1)."""
+    mean = torch.zeros_like(scores)
+    std = torch.ones_like(scores)
+    size = torch.ones_like(scores)
+    for rows in groups:
+        if len(rows) < 2:
+            continue
+        index = torch.tensor(rows, device=scores.device)
+        members = scores[index]
+        mean[index] = members.mean()
+        std[index] = members.std()
+        size[index] = float(len(rows))
+    return mean, std, size
+
+
+def _broadcast(per_sample: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    advantages = per_sample.unsqueeze(-1) * mask
+    return advantages, advantages
+
+
+@ADVANTAGE_ESTIMATORS.register("grpo")
+@torch.no_grad()
+def grpo(
+    token_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    group_ids: Sequence[Hashable] | None,
+    values: torch.Tensor | None = None,
+    config: AlgorithmConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO (Shao et al. 2024): (score - group mean) / (group std + 1e-6).
+
+    `config.norm_adv_by_std_in_grpo=False` skips the std division (Dr. GRPO).
+    """
+    mask = check_shapes(token_rewards, response_mask)
+    scores = token_rewards.sum(dim=-1)
+    mean, std, _ = _group_stats(scores, group_rows(group_ids, len(scores), "grpo"))
+    centered = scores - mean
+    return _broadcast(centered / (std + EPS) if config.norm_adv_by_std_in_grpo else centered, mask)
+
+
+@ADVANTAGE_ESTIMATORS.register("grpo_batch_std")
+@torch.no_grad()
+def grpo_batch_std(
+    token_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    group_ids: Sequence[Hashable] | None,
+    values: torch.Tensor | None = None,
+    config: AlgorithmConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO centred by the group mean but scaled by the std of ALL scores in the batch.
+
+    TRL's `scale_rewards="batch"` (after "Tricks or Traps", Liu et al. 2025): a group whose samples
+    all score alike is not blown up by a tiny group std. TRL adds 1e-4 to the std; we keep verl's
+    1e-6 like `grpo`. A batch of one sample uses std 1.
+    """
+    mask = check_shapes(token_rewards, response_mask)
+    scores = token_rewards.sum(dim=-1)
+    mean, _, _ = _group_stats(scores, group_rows(group_ids, len(scores), "grpo_batch_std"))
+    centered = scores - mean
+    if not config.norm_adv_by_std_in_grpo:
+        return _broadcast(centered, mask)
+    batch_std = scores.std() if len(scores) > 1 else torch.ones((), dtype=scores.dtype, device=scores.device)
+    return _broadcast(centered / (batch_std + EPS), mask)
+
+
+@ADVANTAGE_ESTIMATORS.register("rloo")
+@torch.no_grad()
+def rloo(
+    token_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    group_ids: Sequence[Hashable] | None,
+    values: torch.Tensor | None = None,
+    config: AlgorithmConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLOO (Ahmadian et al. 2024): score minus the mean of the OTHER samples of its prompt.
+
+    Written as n/(n-1) * (score - group mean), which is the same quantity (verl's form). A sample
+    alone in its group keeps its raw score.
+    """
+    mask = check_shapes(token_rewards, response_mask)
+    scores = token_rewards.sum(dim=-1)
+    mean, _, size = _group_stats(scores, group_rows(group_ids, len(scores), "rloo"))
+    loo = scores * size / (size - 1) - mean * size / (size - 1)
+    return _broadcast(torch.where(size > 1, loo, scores), mask)
+
+
+@ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus_baseline")
+@torch.no_grad()
+def reinforce_plus_plus_baseline(
+    token_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    group_ids: Sequence[Hashable] | None,
+    values: torch.Tensor | None = None,
+    config: AlgorithmConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++-baseline: score minus group mean, broadcast over tokens, whitened over the batch."""
+    mask = check_shapes(token_rewards, response_mask)
+    scores = token_rewards.sum(dim=-1)
+    mean, _, _ = _group_stats(scores, group_rows(group_ids, len(scores), "reinforce_plus_plus_baseline"))
+    tiled = (scores - mean).unsqueeze(-1).expand_as(token_rewards) * mask
+    advantages = masked_whiten(tiled, mask) * mask
+    return advantages, advantages
+
+
+@ADVANTAGE_ESTIMATORS.register("grpo_passk")
+@torch.no_grad()
+def grpo_passk(
+    token_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    group_ids: Sequence[Hashable] | None,
+    values: torch.Tensor | None = None,
+    config: AlgorithmConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass@k training (Chen et al. 2025, arXiv 2503.19595): only each group's best sample learns.
+
+    Its advantage is best score - second best (divided by group std + 1e-6 unless
+    `norm_adv_by_std_in_grpo=False`); every other sample gets 0. Groups need >= 2 samples.
+    """
+    mask = check_shapes(token_rewards, response_mask)
+    scores = token_rewards.sum(dim=-1)
+    per_sample = torch.zeros_like(scores)
+    for rows in group_rows(group_ids, len(scores), "grpo_passk"):
+        if len(rows) < 2:
+            raise ValueError(
+                f"grpo_passk needs >= 2 samples per prompt but a group has {len(rows)}; "
+                "set rollout.sampling.n >= 2"
+            )
+        members = scores[torch.tensor(rows, device=scores.device)]
+        top, top_index = torch.topk(members, 2)
+        advantage = top[0] - top[1]
+        if config.norm_adv_by_std_in_grpo:
+            advantage = advantage / (members.std() + EPS)
+        per_sample[rows[int(top_index[0])]] = advantage
+    return _broadcast(per_sample, mask)
+
+
+@ADVANTAGE_ESTIMATORS.register("opo")
+@torch.no_grad()
+def opo(
+    token_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    group_ids: Sequence[Hashable] | None,
+    values: torch.Tensor | None = None,
+    config: AlgorithmConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OPO (Hao et al. 2025, arXiv 2505.23585): baseline = length-weighted mean score of the group.
+
+    Singletons get baseline 0.
+    """
+    mask = check_shapes(token_rewards, response_mask)
+    scores = token_rewards.sum(dim=-1)
+    lengths = mask.sum(dim=-1)
+    baseline = torch.zeros_like(scores)
+    for rows in group_rows(group_ids, len(scores), "opo"):
+        if len(rows) < 2:
+            continue
+        index = torch.tensor(rows, device=scores.device)
+        baseline[index] = (lengths[index] * scores[index]).sum() / lengths[index].sum().clamp(min=1)
+    return _broadcast(scores - baseline, mask)
+
+
+@ADVANTAGE_ESTIMATORS.register("gpg")
+@torch.no_grad()
+def gpg(
+    token_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    group_ids: Sequence[Hashable] | None,
+    values: torch.Tensor | None = None,
+    config: AlgorithmConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPG (Chu et al. 2025): alpha * (score - group mean), alpha = N / #samples with nonzero score.
+
+    alpha rescales the batch gradient so groups whose samples all score 0 (zero advantage) do not
+    dilute it. No std division (verl's f_norm = 1).
+    """
+    mask = check_shapes(token_rewards, response_mask)
+    scores = token_rewards.sum(dim=-1)
+    mean, _, _ = _group_stats(scores, group_rows(group_ids, len(scores), "gpg"))
+    alpha = len(scores) / torch.count_nonzero(scores).clamp(min=1)
+    return _broadcast(alpha * (scores - mean), mask)
