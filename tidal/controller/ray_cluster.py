@@ -1,0 +1,101 @@
+"""Start or join the Ray cluster a job (or a test session) runs on.
+
+Several Ray clusters may run on one machine (other jobs, other test sessions). So a local cluster
+here always gets its own temp dir and Ray's own random ports, is started with an explicit
+`address="local"` (never attaching to whatever cluster `ray.init()` would find), and is stopped by
+`ray.shutdown()` from the process that started it, never by `ray stop`, which kills every Ray
+process on the machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# Ray puts unix sockets at <temp_dir>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store and a
+# socket path may hold at most 107 bytes, which leaves about 40 for the temp dir itself.
+MAX_TEMP_DIR_CHARS = 40
+
+
+@dataclass
+class LocalCluster:
+    """A Ray cluster this process started. `shutdown()` stops it and removes its temp dir if we made it."""
+
+    temp_dir: Path
+    address: str
+    remove_temp_dir: bool
+
+    def shutdown(self) -> None:
+        ray.shutdown()
+        if self.remove_temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_local_cluster(
+    num_cpus: float | None = None,
+    *,
+    num_gpus: int | None = None,
+    temp_dir: str | Path | None = None,
+    object_store_memory: int | None = None,
+) -> LocalCluster:
+    """Start a fresh single-node cluster owned by this process (a job's or a test session's).
+
+    `temp_dir` (logs, sockets, spilled objects) defaults to a new dir under /tmp, removed on
+    shutdown. A `temp_dir` too long for Ray's socket paths is replaced by a short one, and a
+    symlink at `temp_dir` points to it so the logs are still found where asked.
+    """
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already initialised in this process; use ensure_ray() to join it")
+    made_here = temp_dir is None
+    actual = _short_temp_dir(Path(temp_dir).absolute() if temp_dir is not None else None)
+    ray.init(
+        address="local",
+        num_cpus=None if num_cpus is None else math.ceil(num_cpus),
+        num_gpus=num_gpus,
+        object_store_memory=object_store_memory,
+        include_dashboard=False,
+        _temp_dir=str(actual),
+    )
+    address = ray.get_runtime_context().gcs_address
+    log.info("started local Ray cluster at %s (temp dir %s)", address, actual)
+    return LocalCluster(temp_dir=actual, address=address, remove_temp_dir=made_here)
+
+
+def ensure_ray(
+    num_cpus: float | None = None, temp_dir: str | Path | None = None, address: str | None = None
+) -> LocalCluster | None:
+    """Use the cluster this process is connected to, else join `address` (or $RAY_ADDRESS, as set
+    by `ray job submit`), else start a local one. Returns the LocalCluster only if one was started."""
+    if ray.is_initialized():
+        return None
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        log.info("joined Ray cluster at %s", address)
+        return None
+    return start_local_cluster(num_cpus, temp_dir=temp_dir)
+
+
+def _short_temp_dir(requested: Path | None) -> Path:
+    if requested is not None and len(str(requested)) <= MAX_TEMP_DIR_CHARS:
+        requested.mkdir(parents=True, exist_ok=True)
+        return requested
+    root = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
+    actual = Path(tempfile.mkdtemp(prefix="tidal-ray-", dir=root))
+    if requested is not None:
+        requested.parent.mkdir(parents=True, exist_ok=True)
+        if requested.is_symlink():
+            requested.unlink()  # left by an earlier run of this job
+        if not requested.exists():
+            requested.symlink_to(actual, target_is_directory=True)
+        log.info("Ray temp dir %s is too long for Ray's socket paths; using %s", requested, actual)
+    return actual

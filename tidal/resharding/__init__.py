@@ -1,0 +1,1 @@
+"""Moving weights from a training layout to a generation layout (see DESIGN.md, "Parallel layouts")."""
