@@ -6,6 +6,17 @@
     aggregate_loss(loss_mat, mask, mode, denominator)
     value_loss(values, old_values, returns, mask, cliprange, mode, denominator)
 
+Objectives and data strategies from the seed papers (see docs/algorithms.md for the full table):
+
+    REWARD_SHAPERS.get("overlong")(seq_reward, response_mask, group_ids=uids, **params)  # also
+        # "length_penalty" (GRPO-lambda), "par" (preference as reward)
+    REWARD_COMBINERS.get("min")(components [N, K], **params)    # weighted_sum, uncertainty_weighted
+    SAMPLE_FILTERS.get("zero_variance")(seq_reward, group_ids=uids)  # DAPO; "d3s" (max Var(A))
+    DynamicSamplingQuota(target_groups, max_rounds)              # DAPO's refill loop, program side
+    TOKEN_SELECTORS.get("high_entropy")(response_mask, entropy=..., advantages=...)  # "d3s"
+    PREFERENCE_LOSSES.get("dpo")(chosen_lp, chosen_mask, rejected_lp, rejected_mask, ...)  # simpo, redi
+    kdrl_kl_loss(log_probs, teacher_log_probs, mask, ...)        # KDRL reverse KL term
+
 Imports only torch (config types for hints only). Importing this package registers every name.
 """
 
@@ -20,7 +31,14 @@ from tidal.algorithms.aggregation import (
     count_valid,
     resolve_loss_agg_mode,
 )
+from tidal.algorithms.distill import kdrl_beta, kdrl_kl_loss
 from tidal.algorithms.entropy import entropy_from_logits
+from tidal.algorithms.filters import (
+    SAMPLE_FILTERS,
+    TOKEN_SELECTORS,
+    DynamicSamplingQuota,
+    linear_schedule,
+)
 from tidal.algorithms.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
@@ -31,7 +49,10 @@ from tidal.algorithms.kl import (
 from tidal.algorithms.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from tidal.algorithms.off_policy import masked_is, truncated_is_weights
 from tidal.algorithms.policy_losses import POLICY_LOSSES
+from tidal.algorithms.preference import PREFERENCE_LOSSES, sequence_log_probs, sft_loss
 from tidal.algorithms.registry import Registry
+from tidal.algorithms.reward_combination import REWARD_COMBINERS
+from tidal.algorithms.shaping import REWARD_SHAPERS
 from tidal.algorithms.value_loss import value_loss
 
 __all__ = [
@@ -40,7 +61,13 @@ __all__ = [
     "LOSS_AGG_ALIASES",
     "LOSS_AGG_MODES",
     "POLICY_LOSSES",
+    "PREFERENCE_LOSSES",
+    "REWARD_COMBINERS",
+    "REWARD_SHAPERS",
+    "SAMPLE_FILTERS",
+    "TOKEN_SELECTORS",
     "AdaptiveKLController",
+    "DynamicSamplingQuota",
     "FixedKLController",
     "GlobalCounts",
     "Registry",
@@ -49,12 +76,17 @@ __all__ = [
     "build_kl_controller",
     "count_valid",
     "entropy_from_logits",
+    "kdrl_beta",
+    "kdrl_kl_loss",
+    "linear_schedule",
     "masked_is",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
     "resolve_loss_agg_mode",
+    "sequence_log_probs",
+    "sft_loss",
     "truncated_is_weights",
     "value_loss",
 ]
