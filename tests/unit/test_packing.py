@@ -1,0 +1,153 @@
+"""Packing removes padding without changing a single log-prob or value (tiny Qwen2, sdpa, fp32)."""
+
+import pytest
+import torch
+import transformers
+from transformers.masking_utils import create_causal_mask
+
+from tidal.config.schema import ModelConfig
+from tidal.workers.engines.fsdp import PackedBatch, PolicyModel, ValueModel, load_pretrained
+
+PROMPT_LENS = [6, 3, 1, 4, 2]
+RESPONSE_LENS = [5, 2, 0, 3, 1]  # sample 2 has an empty response
+P, R, VOCAB = 6, 5, 32
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+    )
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def _padded_batch(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    n = len(PROMPT_LENS)
+    prompt_mask = (torch.arange(P) >= P - torch.tensor(PROMPT_LENS)[:, None]).long()  # left padded
+    response_mask = (torch.arange(R) < torch.tensor(RESPONSE_LENS)[:, None]).long()  # right padded
+    prompt_ids = torch.randint(1, VOCAB, (n, P), generator=gen) * prompt_mask
+    response_ids = torch.randint(1, VOCAB, (n, R), generator=gen) * response_mask
+    return prompt_ids, prompt_mask, response_ids, response_mask
+
+
+def _padded_log_probs(lm, prompt_ids, prompt_mask, response_ids, response_mask, temperature):
+    """The unpacked reference: a padded batch forward with an attention mask, full logits."""
+    ids = torch.cat([prompt_ids, response_ids], 1)
+    mask = torch.cat([prompt_mask, response_mask], 1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float() / temperature
+    log_probs = torch.log_softmax(logits[:, P - 1 : -1], -1).gather(-1, response_ids[..., None]).squeeze(-1)
+    return log_probs * response_mask
+
+
+def test_layout():
+    prompt_ids, prompt_mask, response_ids, response_mask = _padded_batch()
+    packed = PackedBatch.from_padded(prompt_ids, prompt_mask, response_ids, response_mask)
+    # sample 2 (empty response) costs nothing; the others keep exactly their real tokens
+    kept = [p + r for p, r in zip(PROMPT_LENS, RESPONSE_LENS) if r > 0]
+    assert packed.num_tokens == sum(kept)
+    expected_positions = torch.cat([torch.arange(k) for k in kept])
+    assert torch.equal(packed.position_ids[0], expected_positions)
+    # each target is the packed token right after its predicting position
+    assert torch.equal(packed.input_ids[0, packed.predict_index + 1], packed.targets)
+    assert torch.equal(packed.targets, response_ids[response_mask.bool()])
+    values = torch.arange(1, packed.predict_index.numel() + 1, dtype=torch.float32)
+    unpacked = packed.unpack(values)
+    assert unpacked.shape == (len(PROMPT_LENS), R)
+    assert torch.equal(unpacked[response_mask.bool()], values)
+    assert (unpacked[~response_mask.bool()] == 0).all()
+
+
+def test_transformers_builds_a_block_diagonal_causal_mask(model_dir):
+    """The assumption packing rests on: no attention mask + restarting positions -> block diagonal."""
+    lm = load_pretrained(ModelConfig(path=model_dir), torch.float32)
+    assert lm.config._attn_implementation == "sdpa"
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    embeds = torch.zeros(1, positions.shape[1], 64)
+    mask = create_causal_mask(
+        config=lm.config,
+        inputs_embeds=embeds,
+        attention_mask=None,
+        past_key_values=None,
+        position_ids=positions,
+    )
+    seq = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    expected = (seq[:, None] == seq[None, :]) & torch.ones(9, 9, dtype=torch.bool).tril()
+    assert torch.equal(mask[0, 0].bool(), expected)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_packed_log_probs_and_grads_match_padded_forward(model_dir, temperature):
+    lm = load_pretrained(ModelConfig(path=model_dir), torch.float32)
+    batch = _padded_batch()
+    packed = PackedBatch.from_padded(*batch)
+    log_probs_k, entropy_k = PolicyModel(lm)(packed, temperature, with_entropy=True)
+    packed_lp = packed.unpack(log_probs_k)
+    reference = _padded_log_probs(lm, *batch, temperature)
+    torch.testing.assert_close(packed_lp, reference, rtol=0, atol=1e-5)
+    assert entropy_k.shape == log_probs_k.shape and (entropy_k > 0).all()
+
+    coef = torch.randn(packed_lp.shape, generator=torch.Generator().manual_seed(3))
+    (packed_lp * coef).sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    lm.zero_grad()
+    (_padded_log_probs(lm, *batch, temperature) * coef).sum().backward()
+    for name, param in lm.named_parameters():
+        torch.testing.assert_close(packed_grads[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_samples_do_not_see_each_other(model_dir):
+    """Changing one sample's tokens leaves every other sample's log-probs bit-identical."""
+    lm = load_pretrained(ModelConfig(path=model_dir), torch.float32)
+    prompt_ids, prompt_mask, response_ids, response_mask = _padded_batch()
+    with torch.no_grad():
+        before = PackedBatch.from_padded(prompt_ids, prompt_mask, response_ids, response_mask)
+        lp_before = before.unpack(PolicyModel(lm)(before, 1.0, False)[0])
+        changed = prompt_ids.clone()
+        changed[0] = (changed[0] % (VOCAB - 1)) + 1  # sample 0 is the first block of the row
+        after = PackedBatch.from_padded(changed, prompt_mask, response_ids, response_mask)
+        lp_after = after.unpack(PolicyModel(lm)(after, 1.0, False)[0])
+    assert not torch.equal(lp_before[0], lp_after[0])
+    assert torch.equal(lp_before[1:], lp_after[1:])
+
+
+def test_values_match_per_sample_forward(model_dir):
+    backbone = load_pretrained(ModelConfig(path=model_dir), torch.float32, causal_lm=False)
+    critic = ValueModel(backbone, seed=7)
+    assert torch.equal(critic.value_head.weight, ValueModel(backbone, seed=7).value_head.weight)
+    prompt_ids, prompt_mask, response_ids, response_mask = _padded_batch()
+    packed = PackedBatch.from_padded(prompt_ids, prompt_mask, response_ids, response_mask)
+    with torch.no_grad():
+        values = packed.unpack(critic(packed)[0])
+        for i, (p, r) in enumerate(zip(PROMPT_LENS, RESPONSE_LENS)):
+            ids = torch.cat([prompt_ids[i, P - p :], response_ids[i, :r]])[None]
+            hidden = backbone(input_ids=ids).last_hidden_state[0]  # one sample, no padding at all
+            expected = critic.value_head(hidden[p - 1 : p - 1 + r]).squeeze(-1)
+            torch.testing.assert_close(values[i, :r], expected, rtol=0, atol=1e-5)
+            assert (values[i, r:] == 0).all()
+
+
+def test_nothing_to_predict_gives_a_placeholder():
+    prompt_ids, prompt_mask, response_ids, _ = _padded_batch()
+    packed = PackedBatch.from_padded(prompt_ids, prompt_mask, response_ids, torch.zeros_like(response_ids))
+    assert packed.is_placeholder and packed.num_tokens == 1
+    assert torch.equal(packed.unpack(torch.ones(1)), torch.zeros(len(PROMPT_LENS), R))
+    empty = PackedBatch.placeholder(R)
+    assert empty.unpack(torch.ones(1)).shape == (0, R)
+
+
+def test_response_without_prompt_is_rejected():
+    prompt_ids, prompt_mask, response_ids, response_mask = _padded_batch()
+    prompt_mask = prompt_mask.clone()
+    prompt_mask[0] = 0
+    with pytest.raises(ValueError, match="prompt token"):
+        PackedBatch.from_padded(prompt_ids, prompt_mask, response_ids, response_mask)

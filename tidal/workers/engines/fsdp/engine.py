@@ -1,0 +1,394 @@
+"""FSDP2 engine: one sharded model (+ optimizer and schedule when it trains) over the dp ranks.
+
+Sharding follows torchtitan: `fully_shard` on every transformer block, then on the root (which
+then owns the embeddings, final norm and heads). A block's parameters are all-gathered just before
+its forward and freed after, so a rank holds one full block at a time.
+
+Every forward and backward issues collectives, so ranks must run the SAME number of micro-batches
+even when their shares differ (uneven or empty splits): `plan_micro_batches` agrees on the
+maximum and pads with `None` entries, for which callers run a zero-weight placeholder.
+
+Gradients: FSDP averages gradients over ranks, while the losses here are normalised by the global
+mini-batch count so that they SUM to the mini-batch loss over ranks and micro-batches
+(tidal.algorithms.aggregation). `backward` multiplies by the dp size to undo the average.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import astuple
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from tidal.algorithms.aggregation import GlobalCounts, count_valid
+from tidal.config.schema import ModelConfig, OptimConfig
+from tidal.kernels.logprobs import token_log_probs
+from tidal.workers.context import WorkerContext
+from tidal.workers.engines.fsdp.optim import build_optimizer, build_scheduler
+from tidal.workers.engines.fsdp.packing import PackedBatch
+
+# (outputs [n, R] each, micro-batch columns, global counts) -> (loss, loss terms to sum, token means)
+LossFn = Callable[
+    [list[torch.Tensor | None], dict[str, torch.Tensor], GlobalCounts],
+    tuple[torch.Tensor, dict[str, float], dict[str, float]],
+]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PACK_COLUMNS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+
+
+def load_pretrained(model: ModelConfig, dtype: torch.dtype, *, causal_lm: bool = True) -> nn.Module:
+    """A Hugging Face model from the local folder `model.path`, with dropout switched off.
+
+    RL compares log-probs of the same tokens under rollout and training; dropout would make them
+    differ (and break bit-exact resume), so every dropout probability is set to 0.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    if not os.path.isdir(model.path):
+        raise ValueError(f"model.path={model.path!r} is not a folder; point it at a local Hugging Face model")
+    config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    for name in ("attention_dropout", "hidden_dropout", "embd_pdrop", "resid_pdrop", "dropout"):
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+    auto = AutoModelForCausalLM if causal_lm else AutoModel
+    lm = auto.from_pretrained(
+        model.path,
+        config=config,
+        dtype=dtype,
+        attn_implementation="sdpa",
+        trust_remote_code=model.trust_remote_code,
+    )
+    for module in lm.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return lm
+
+
+def block_types(model: nn.Module) -> set[str]:
+    """Class names of the transformer blocks (Hugging Face lists them in `_no_split_modules`)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    if not names or not any(type(m).__name__ in names for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} does not name its transformer blocks in _no_split_modules; "
+            "FSDP needs them to shard per block"
+        )
+    return names
+
+
+def _check_plain_lm_head(config: Any) -> None:
+    """The kernel computes logits as hidden @ W.T; refuse heads that transform them further."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scales = {name: getattr(config, name, None) for name in ("logit_scale", "logits_scaling")}
+    scaled = {name: value for name, value in scales.items() if value not in (None, 1.0)}
+    if softcap is not None or scaled:
+        raise ValueError(
+            f"{config.model_type} transforms its logits (final_logit_softcapping={softcap}, {scaled}); "
+            "the log-prob kernel supports plain lm heads only, so this model cannot be trained yet"
+        )
+
+
+class PolicyModel(nn.Module):
+    """A causal LM whose forward maps a PackedBatch to the log-probs of its response tokens.
+
+    Only the base model runs on all tokens; the lm_head is applied by the chunked kernel to the
+    predicting positions alone, so [tokens x vocab] logits never exist. Computing it inside
+    `forward` keeps the root's (FSDP-gathered) lm_head weight valid while it is used.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        _check_plain_lm_head(lm.config)
+        self.lm = lm
+
+    def forward(
+        self, packed: PackedBatch, temperature: float, with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # attention_mask=None + restarting position ids = block-diagonal causal attention (packing.py).
+        out = self.lm.base_model(
+            input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False
+        )
+        hidden = out.last_hidden_state[0, packed.predict_index]
+        weight = self.lm.get_output_embeddings().weight
+        return token_log_probs(hidden, weight, packed.targets, temperature, with_entropy)
+
+
+class FSDPEngine:
+    """Shards `module` over all ranks; owns its optimizer and schedule when `optim` is given.
+
+    `module(packed, **kwargs)` must return a tuple of per-predicted-token tensors ([K] each, or None).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        ctx: WorkerContext,
+        *,
+        blocks: set[str],
+        optim: OptimConfig | None = None,
+        total_steps: int = 0,
+        param_dtype: torch.dtype | None = None,
+    ) -> None:
+        if ctx.dp_size != ctx.world_size:
+            raise ValueError(
+                f"FSDP engine shards over every rank; got dp_size={ctx.dp_size} != {ctx.world_size}"
+            )
+        self.ctx = ctx
+        self.device = ctx.device
+        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+        # Master weights stay in their load dtype; `param_dtype` is the compute dtype (mixed precision).
+        mp = MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None
+        )
+        module.to(ctx.device)
+        for sub in list(module.modules()):
+            if type(sub).__name__ in blocks:
+                fully_shard(sub, mesh=mesh, mp_policy=mp)
+        fully_shard(module, mesh=mesh, mp_policy=mp)
+        self.module = module
+        self.optimizer = build_optimizer(module.parameters(), optim) if optim else None
+        self.scheduler = build_scheduler(self.optimizer, optim, total_steps) if optim else None
+        self.grad_clip = optim.grad_clip if optim else None
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce(self, values: list[float], op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def plan_micro_batches(self, num_samples: int, size: int) -> list[tuple[int, int] | None]:
+        """This rank's micro-batch bounds, padded with None so that every rank has as many."""
+        local = [(s, min(s + size, num_samples)) for s in range(0, num_samples, size)]
+        (most,) = self.all_reduce([len(local)], op=dist.ReduceOp.MAX)
+        # at least one, so that outputs (and their count) exist even when every share is empty
+        return local + [None] * (max(int(most), 1) - len(local))
+
+    def pack(self, columns: dict[str, torch.Tensor], bounds: tuple[int, int] | None) -> PackedBatch:
+        """The packed micro-batch `bounds` of `columns` (a placeholder for None), on this device."""
+        if bounds is None:
+            return PackedBatch.placeholder(columns["response_ids"].shape[1], self.device)
+        start, stop = bounds
+        parts = [columns[k][start:stop].to(self.device) for k in PACK_COLUMNS]
+        return PackedBatch.from_padded(*parts)
+
+    # ------------------------------------------------------------------ compute
+    @torch.no_grad()
+    def infer(
+        self, columns: dict[str, torch.Tensor], micro_batch_size: int, **forward_kwargs: Any
+    ) -> list[torch.Tensor | None]:
+        """Forward over this rank's samples in packed micro-batches -> each output as [n, R] float32 on CPU."""
+        self.module.eval()
+        num_samples = columns["response_ids"].shape[0]
+        pieces: list[list[torch.Tensor | None]] = []
+        for bounds in self.plan_micro_batches(num_samples, micro_batch_size):
+            packed = self.pack(columns, bounds)
+            outputs = self.module(packed, **forward_kwargs)
+            # a placeholder unpacks to [0, R], so an empty share still answers with [0, R] columns
+            pieces.append([None if o is None else packed.unpack(o).float().cpu() for o in outputs])
+        return [None if col[0] is None else torch.cat(col) for col in zip(*pieces)]
+
+    def train(
+        self,
+        columns: dict[str, torch.Tensor],
+        *,
+        num_mini_batches: int,
+        micro_batch_size: int,
+        epochs: int,
+        loss_fn: LossFn,
+        **forward_kwargs: Any,
+    ) -> dict[str, float]:
+        """`epochs` passes over this rank's share, one optimizer step per mini-batch.
+
+        The share is cut into `num_mini_batches` contiguous mini-batches (global mini-batch k =
+        piece k of every rank), each into micro-batches whose gradients accumulate.
+        `loss_fn(outputs, micro_batch, counts)` gets the model outputs as [n, R] tensors, the
+        micro-batch's columns and the GLOBAL `GlobalCounts` of the mini-batch, and returns
+        (loss, sums, means): `sums` are loss terms that add up over micro-batches and ranks to the
+        mini-batch's value; `means` are token means of the micro-batch (weighted by its tokens).
+        Returns step sums and token means, plus grad_norm (mean), lr (last) and skipped_steps,
+        identical on every rank.
+        """
+        self.module.train()
+        step_sums: list[dict[str, float]] = []
+        step_stats: list[dict[str, float]] = []
+        token_sums: dict[str, float] = {}
+        token_weights: dict[str, float] = {}
+        for _ in range(epochs):
+            for start, stop in _even_bounds(columns["response_ids"].shape[0], num_mini_batches):
+                mini = {key: value[start:stop] for key, value in columns.items()}
+                counts = GlobalCounts(*self.all_reduce(list(astuple(count_valid(mini["response_mask"])))))
+                sums: dict[str, float] = {}
+                for bounds in self.plan_micro_batches(stop - start, micro_batch_size):
+                    packed = self.pack(mini, bounds)
+                    outputs = self.module(packed, **forward_kwargs)
+                    if packed.is_placeholder:  # nothing to learn from, but the collectives must run
+                        self.backward(sum(o.sum() for o in outputs if o is not None) * 0.0)
+                        continue
+                    micro = {key: value[bounds[0] : bounds[1]].to(self.device) for key, value in mini.items()}
+                    unpacked = [None if o is None else packed.unpack(o) for o in outputs]
+                    loss, loss_sums, means = loss_fn(unpacked, micro, counts)
+                    self.backward(loss)
+                    num_tokens = float(micro["response_mask"].sum())
+                    for key, value in loss_sums.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                    for key, value in means.items():
+                        token_sums[key] = token_sums.get(key, 0.0) + value * num_tokens
+                        token_weights[key] = token_weights.get(key, 0.0) + num_tokens
+                step_sums.append(sums)
+                step_stats.append(self.step())
+        self.module.eval()
+        return self._reduce_metrics(step_sums, step_stats, token_sums, token_weights)
+
+    def _reduce_metrics(
+        self,
+        step_sums: list[dict[str, float]],
+        step_stats: list[dict[str, float]],
+        token_sums: dict[str, float],
+        token_weights: dict[str, float],
+    ) -> dict[str, float]:
+        """One all-reduce for all metrics; the key sets are agreed first (a rank may have had no data)."""
+        local_keys = {key for sums in step_sums for key in sums}, set(token_sums)
+        gathered: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(gathered, local_keys)
+        sum_keys = sorted(set().union(*(g[0] for g in gathered)))
+        mean_keys = sorted(set().union(*(g[1] for g in gathered)))
+        flat = [sums.get(k, 0.0) for sums in step_sums for k in sum_keys]
+        flat += [token_sums.get(k, 0.0) for k in mean_keys] + [token_weights.get(k, 0.0) for k in mean_keys]
+        reduced = self.all_reduce(flat) if flat else []
+        num_steps = len(step_sums)
+        metrics = {}
+        for i, key in enumerate(sum_keys):  # the mini-batch value of each step, averaged over steps
+            metrics[key] = sum(reduced[s * len(sum_keys) + i] for s in range(num_steps)) / max(num_steps, 1)
+        offset = num_steps * len(sum_keys)
+        for i, key in enumerate(mean_keys):
+            metrics[key] = reduced[offset + i] / max(reduced[offset + len(mean_keys) + i], 1e-8)
+        if step_stats:
+            metrics["grad_norm"] = sum(s["grad_norm"] for s in step_stats) / len(step_stats)
+            metrics["lr"] = step_stats[-1]["lr"]
+            metrics["skipped_steps"] = sum(s["skipped_steps"] for s in step_stats)
+        return metrics
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a loss normalised by GLOBAL counts: x dp_size cancels FSDP's gradient average."""
+        (loss * self.ctx.dp_size).backward()
+
+    def step(self) -> dict[str, float]:
+        """Clip gradients, step optimizer and schedule, clear gradients -> grad_norm, lr (the rate used)."""
+        if self.optimizer is None:
+            raise RuntimeError("this engine was built without an optimizer (inference only)")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        lr = self.scheduler.get_last_lr()[0]
+        finite = bool(torch.isfinite(grad_norm))  # the norm is global, so every rank agrees
+        if finite:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(grad_norm), "lr": float(lr), "skipped_steps": float(not finite)}
+
+    # ------------------------------------------------------------------ weights and checkpoints
+    def full_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) for every state-dict entry, on every rank, one tensor at a time.
+
+        A collective: every rank must consume the whole iterator in the same order. Gathering one
+        tensor at a time keeps the peak at one full parameter instead of the whole model.
+        """
+        for name, value in self.module.state_dict().items():
+            yield name, value.full_tensor() if isinstance(value, DTensor) else value
+
+    def save_checkpoint(self, path: str) -> None:
+        """Sharded model (+ optimizer) with torch.distributed.checkpoint; schedule and RNG per rank."""
+        os.makedirs(path, exist_ok=True)
+        # An optimizer that never stepped has no state; DCP would create it with a zero-lr step,
+        # which changes AdamW's step count and so the next real update. Save the model only then.
+        has_optim_state = self.optimizer is not None and bool(self.optimizer.state)
+        if has_optim_state:
+            model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+        else:
+            state = {"model": get_model_state_dict(self.module)}
+        dcp.save(state, checkpoint_id=os.path.join(path, "sharded"))
+        local = {
+            "world_size": self.ctx.world_size,
+            "has_optim_state": has_optim_state,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "rng": _rng_state(self.device),
+        }
+        torch.save(local, _rank_file(path, self.ctx.rank))
+        dist.barrier()
+
+    def load_checkpoint(self, path: str) -> None:
+        rank_file = _rank_file(path, self.ctx.rank)
+        if not os.path.exists(rank_file):
+            raise ValueError(
+                f"checkpoint {path!r} has no state for rank {self.ctx.rank} (missing {rank_file}); "
+                "resume with the world size it was saved with"
+            )
+        local = torch.load(rank_file, weights_only=False)
+        if local["world_size"] != self.ctx.world_size:
+            raise ValueError(
+                f"checkpoint {path!r} was saved by {local['world_size']} ranks, this group has "
+                f"{self.ctx.world_size}; resume with the same number of workers"
+            )
+        sharded = os.path.join(path, "sharded")
+        if local["has_optim_state"] and self.optimizer is not None:
+            model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=sharded)
+            set_state_dict(
+                self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+            )
+        else:
+            state = {"model": get_model_state_dict(self.module)}
+            dcp.load(state, checkpoint_id=sharded)
+            set_model_state_dict(self.module, state["model"])
+        if self.scheduler is not None and local["scheduler"] is not None:
+            self.scheduler.load_state_dict(local["scheduler"])
+        _set_rng_state(local["rng"], self.device)
+        dist.barrier()
+
+
+def _even_bounds(total: int, num_chunks: int) -> list[tuple[int, int]]:
+    """[start, stop) of `num_chunks` contiguous near-equal pieces (earlier ones larger, some may be empty)."""
+    base, extra = divmod(total, num_chunks)
+    bounds, start = [], 0
+    for i in range(num_chunks):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def _rank_file(path: str, rank: int) -> str:
+    return os.path.join(path, f"rank_{rank:05d}.pt")
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

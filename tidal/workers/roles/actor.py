@@ -1,0 +1,132 @@
+"""The actor: the policy being trained (FSDP2), its log-probs, its PPO-style update, its weights.
+
+`update` reproduces a single-process update on each whole mini-batch: every loss term is
+normalised by the mini-batch's GLOBAL token / sequence counts (all-reduced), so summing the
+micro-batch losses of all ranks gives the mini-batch loss, and the engine undoes FSDP's gradient
+average. Uneven and empty shares are fine: the engine pads ranks with zero-weight micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from tidal.algorithms import KL_ESTIMATORS, POLICY_LOSSES, GlobalCounts, aggregate_loss, masked_mean
+from tidal.config.schema import JobConfig
+from tidal.dataflow.batch import Batch
+from tidal.workers.context import WorkerContext
+from tidal.workers.endpoint import Collect, Dispatch, endpoint
+from tidal.workers.engines.fsdp import DTYPES, FSDPEngine, PolicyModel, block_types, load_pretrained
+
+SEQUENCE_COLUMNS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+
+
+def log_prob_temperature(cfg: JobConfig) -> float:
+    """The temperature the rollout sampled with (greedy, 0, scores with the plain softmax: 1.0)."""
+    return cfg.rollout.sampling.temperature or 1.0
+
+
+def compute_param_dtype(cfg: JobConfig) -> torch.dtype | None:
+    """Trained models keep float32 master weights; model.dtype other than float32 is the compute dtype."""
+    dtype = DTYPES[cfg.model.dtype]
+    return None if dtype == torch.float32 else dtype
+
+
+def columns_of(batch: Batch, keys: tuple[str, ...], role: str) -> dict[str, torch.Tensor]:
+    missing = [key for key in keys if key not in batch]
+    if missing:
+        raise ValueError(f"{role} needs batch columns {missing}; the batch has {batch.keys()}")
+    return {key: batch[key] for key in keys}
+
+
+class ActorRole:
+    def __init__(self, cfg: JobConfig, ctx: WorkerContext) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        actor = cfg.actor
+        lm = load_pretrained(cfg.model, torch.float32)
+        if actor.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        total_steps = cfg.trainer.total_steps * cfg.sizes.num_mini_batches * actor.epochs
+        self.engine = FSDPEngine(
+            PolicyModel(lm),
+            ctx,
+            blocks=block_types(lm),
+            optim=actor.optim,
+            total_steps=total_steps,
+            param_dtype=compute_param_dtype(cfg),
+        )
+        self.temperature = log_prob_temperature(cfg)
+        self.policy_loss = POLICY_LOSSES.get(actor.policy_loss)
+        self.kl_estimator = KL_ESTIMATORS.get(actor.kl_loss_type) if actor.use_kl_loss else None
+
+    @endpoint(Dispatch.DP_SPLIT)
+    def compute_log_probs(self, batch: Batch) -> Batch:
+        """old_log_probs and entropy [n, R] of the response tokens under the current policy."""
+        columns = columns_of(batch, SEQUENCE_COLUMNS, "actor.compute_log_probs")
+        log_probs, entropy = self.engine.infer(
+            columns,
+            self.cfg.actor.micro_batch_size_per_rank,
+            temperature=self.temperature,
+            with_entropy=True,
+        )
+        return Batch.from_dict({"old_log_probs": log_probs, "entropy": entropy})
+
+    @endpoint(Dispatch.DP_SPLIT, collect=Collect.FIRST)
+    def update(self, batch: Batch) -> dict[str, float]:
+        """Policy update on this step's data; metrics (prefixed `actor/`) are the same on every rank."""
+        actor = self.cfg.actor
+        keys = SEQUENCE_COLUMNS + ("old_log_probs", "advantages")
+        if actor.use_kl_loss:
+            keys += ("ref_log_probs",)
+        metrics = self.engine.train(
+            columns_of(batch, keys, "actor.update"),
+            num_mini_batches=self.cfg.sizes.num_mini_batches,
+            micro_batch_size=actor.micro_batch_size_per_rank,
+            epochs=actor.epochs,
+            loss_fn=self._loss,
+            temperature=self.temperature,
+            with_entropy=True,
+        )
+        return {f"actor/{key}": value for key, value in metrics.items()}
+
+    def _loss(
+        self, outputs: list[torch.Tensor | None], micro: dict[str, torch.Tensor], counts: GlobalCounts
+    ) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
+        actor = self.cfg.actor
+        log_probs, entropy = outputs
+        mask = micro["response_mask"]
+        pg_loss, pg_metrics = self.policy_loss(
+            log_probs, micro["old_log_probs"], micro["advantages"], mask, config=actor, denominator=counts
+        )
+        loss = pg_loss
+        sums = {"pg_loss": float(pg_loss.detach())}
+        means = dict(pg_metrics)
+        means["entropy"] = float(masked_mean(entropy.detach(), mask))
+        if actor.entropy_coeff != 0:
+            entropy_loss = aggregate_loss(entropy, mask, actor.loss_agg_mode, counts)
+            loss = loss - actor.entropy_coeff * entropy_loss
+            sums["entropy_loss"] = float(entropy_loss.detach())
+        if self.kl_estimator is not None:
+            kl = self.kl_estimator(log_probs, micro["ref_log_probs"])
+            kl_loss = aggregate_loss(kl, mask, actor.loss_agg_mode, counts)
+            loss = loss + actor.kl_loss_coef * kl_loss
+            sums["kl_loss"] = float(kl_loss.detach())
+            means["kl"] = float(masked_mean(kl.detach(), mask))
+        sums["loss"] = float(loss.detach())
+        return loss, sums, means
+
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full Hugging Face-named tensors, one at a time (a collective: every rank iterates it all)."""
+        for name, tensor in self.engine.full_state_dict():
+            yield name.removeprefix("lm."), tensor
+
+    @endpoint(Dispatch.ALL)
+    def save_checkpoint(self, path: str) -> None:
+        """Model, optimizer, schedule and RNG states under the folder `path`."""
+        self.engine.save_checkpoint(path)
+
+    @endpoint(Dispatch.ALL)
+    def load_checkpoint(self, path: str) -> None:
+        self.engine.load_checkpoint(path)
