@@ -17,7 +17,6 @@ from tidal.controller.dispatch import run_task
 from tidal.controller.ray_cluster import ensure_ray
 from tidal.controller.resource_pool import ResourcePool
 from tidal.controller.worker_group import WorkerGroup
-from tidal.dataflow.batch import Batch
 from tidal.dataflow.dataset import PromptLoader, build_datasets
 from tidal.observability.metrics import MetricsLogger
 
@@ -56,9 +55,12 @@ class Job:
         prepare_model(cfg.model, cfg.data)
         train_set, val_set = build_datasets(cfg.data, cfg.model.path)
         job.train_loader = PromptLoader(train_set, cfg.trainer.prompts_per_step, cfg.data.shuffle, cfg.data.seed)
-        num_val = cfg.trainer.num_eval_prompts or len(val_set)
-        job.val_prompts = PromptLoader(val_set, min(num_val, len(val_set)), shuffle=False, seed=0).next_batch()
-        job.dataset_report = {"data/train_skipped": train_set.num_skipped, "data/val_skipped": val_set.num_skipped}
+        job.val_prompts = None
+        job.dataset_report = {"data/train_prompts": len(train_set), "data/train_skipped": train_set.num_skipped}
+        if val_set is not None:
+            num_val = min(cfg.trainer.num_eval_prompts or len(val_set), len(val_set))
+            job.val_prompts = PromptLoader(val_set, num_val, shuffle=False, seed=0).next_batch()
+            job.dataset_report |= {"data/val_prompts": num_val, "data/val_skipped": val_set.num_skipped}
 
         roles = role_classes(cfg)
         by_pool: dict[str, dict[str, type]] = {}
@@ -107,8 +109,7 @@ class Job:
         return True
 
     # ------------------------------------------------------------------ driver-side services
-    def run_task(self, fn, batch, *args):
-        return run_task(fn, batch, *args)
+    run_task = staticmethod(run_task)
 
     def kl_ctrl_state(self) -> float:
         return self.kl_ctrl.value
@@ -149,6 +150,3 @@ class Job:
         self.train_loader.load_state_dict(state["loader"])
         self.kl_ctrl.value = state["kl_coef"]
         return step
-
-    def val_batch(self) -> Batch:
-        return self.val_prompts

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tidal.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, masked_mean
+from tidal.algorithms import ADVANTAGE_ESTIMATORS, FixedKLController, apply_kl_penalty, masked_mean
 from tidal.config.schema import AlgorithmConfig
 from tidal.dataflow.batch import Batch
 
@@ -18,11 +18,12 @@ def compute_advantages(batch: Batch, cfg: AlgorithmConfig, kl_coef: float) -> tu
     rewards = batch["token_rewards"].float()
     metrics: dict[str, float] = {}
     if cfg.use_kl_in_reward:
-        kl = KL_ESTIMATORS.get(cfg.kl_penalty)(batch["old_log_probs"], batch["ref_log_probs"]) * mask
-        rewards = rewards - kl_coef * kl
-        # mean over sequences of the per-sequence KL sum: what the adaptive controller tracks
-        metrics["kl/in_reward"] = float(kl.sum(-1).mean())
-        metrics["kl/coef"] = kl_coef
+        # The driver owns the (possibly adaptive) controller; here its current value is applied
+        # and the measured KL is reported back for the driver's update.
+        rewards, kl_metrics = apply_kl_penalty(rewards, batch["old_log_probs"], batch["ref_log_probs"], mask,
+                                               FixedKLController(kl_coef), cfg.kl_penalty)
+        metrics["kl/in_reward"] = kl_metrics["reward_kl_penalty"]
+        metrics["kl/coef"] = kl_metrics["reward_kl_penalty_coeff"]
     estimator = ADVANTAGE_ESTIMATORS.get(cfg.advantage_estimator)
     values = batch["values"] if "values" in batch else None
     adv, returns = estimator(rewards, mask, group_ids=list(batch["uid"]), values=values, config=cfg)

@@ -53,11 +53,11 @@ def advantages(job: Job, batch: DistributedBatch) -> tuple[DistributedBatch, dic
 
 
 def update_critic(job: Job, batch: DistributedBatch) -> dict[str, float]:
-    return {f"critic/{k}": v for k, v in job.critic.update(batch).items()}
+    return job.critic.update(batch)  # keys already prefixed `critic/`
 
 
 def update_actor(job: Job, batch: DistributedBatch) -> dict[str, float]:
-    return {f"actor/{k}": v for k, v in job.actor.update(batch).items()}
+    return job.actor.update(batch)  # keys already prefixed `actor/`
 
 
 def sync_weights(job: Job, version: int) -> dict[str, float]:
@@ -69,6 +69,8 @@ def sync_weights(job: Job, version: int) -> dict[str, float]:
 
 def evaluate(job: Job) -> dict[str, float]:
     """Held-out reward with the validation sampling settings (greedy by default)."""
+    if job.val_prompts is None:
+        return {}
     start = time.perf_counter()
     batch = job.rollout.generate(job.val_prompts, sampling=job.cfg.rollout.val_sampling, seed=0,
                                  policy_version=job.version)
