@@ -53,7 +53,9 @@ def test_roles_follow_the_algorithm():
 
 
 def test_batch_sizes_are_derived_with_uneven_mini_batches():
-    sizes = cfg_with("trainer.prompts_per_step=10", "rollout.sampling.n=4", "actor.mini_batch_prompts=4").sizes
+    sizes = cfg_with(
+        "trainer.prompts_per_step=10", "rollout.sampling.n=4", "actor.mini_batch_prompts=4"
+    ).sizes
     assert sizes.samples_per_step == 40 and sizes.mini_batch_samples == 16 and sizes.num_mini_batches == 3
 
 

@@ -11,7 +11,6 @@ from pydantic import ValidationError
 
 from tidal.config.schema import JobConfig
 
-
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -22,7 +21,9 @@ class ConfigError(ValueError):
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`actor.optim.lr=1e-5` -> (['actor', 'optim', 'lr'], 1e-05); the value is parsed as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} has no '='; write it as key.path=value, e.g. trainer.total_steps=5")
+        raise ConfigError(
+            f"override {text!r} has no '='; write it as key.path=value, e.g. trainer.total_steps=5"
+        )
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
@@ -58,7 +59,9 @@ def _format_errors(err: ValidationError, tree: dict[str, Any]) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
         if e["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown key (value {e['input']!r}); check the spelling against tidal/config/schema.py")
+            lines.append(
+                f"{loc}: unknown key (value {e['input']!r}); check the spelling against tidal/config/schema.py"
+            )
         elif e["type"] == "value_error":
             lines.append(str(e["ctx"]["error"]) if "ctx" in e else e["msg"])
         else:
@@ -83,9 +86,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML job file such as examples/quickstart.yaml")
+            raise ConfigError(
+                f"config file {str(path)!r} does not exist; pass a YAML job file such as examples/quickstart.yaml"
+            )
         tree = yaml.safe_load(path.read_text()) or {}
         if not isinstance(tree, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top, not {type(tree).__name__}")
+            raise ConfigError(
+                f"config file {str(path)!r} must hold a mapping at the top, not {type(tree).__name__}"
+            )
     apply_overrides(tree, overrides or [])
     return config_from_dict(tree)

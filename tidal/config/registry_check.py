@@ -19,12 +19,20 @@ def _check(field: str, value: str, known: list[str]) -> None:
 def check_registered_names(cfg: JobConfig) -> None:
     if importlib.util.find_spec("torch") is None:  # torch-free deploy tooling skips this check
         return
-    from tidal.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_ALIASES, LOSS_AGG_MODES, POLICY_LOSSES
-    from tidal.workers.rewards import REWARD_FUNCTIONS
+    from tidal.algorithms import (
+        ADVANTAGE_ESTIMATORS,
+        KL_ESTIMATORS,
+        LOSS_AGG_ALIASES,
+        LOSS_AGG_MODES,
+        POLICY_LOSSES,
+    )
     from tidal.config.loader import ConfigError
+    from tidal.workers.rewards import REWARD_FUNCTIONS
 
     try:
-        _check("algorithm.advantage_estimator", cfg.algorithm.advantage_estimator, ADVANTAGE_ESTIMATORS.names())
+        _check(
+            "algorithm.advantage_estimator", cfg.algorithm.advantage_estimator, ADVANTAGE_ESTIMATORS.names()
+        )
         _check("actor.policy_loss", cfg.actor.policy_loss, POLICY_LOSSES.names())
         agg_modes = [*LOSS_AGG_MODES, *LOSS_AGG_ALIASES]
         _check("actor.loss_agg_mode", cfg.actor.loss_agg_mode, agg_modes)

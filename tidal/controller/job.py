@@ -54,9 +54,14 @@ class Job:
         job = cls(cfg)
         prepare_model(cfg.model, cfg.data)
         train_set, val_set = build_datasets(cfg.data, cfg.model.path)
-        job.train_loader = PromptLoader(train_set, cfg.trainer.prompts_per_step, cfg.data.shuffle, cfg.data.seed)
+        job.train_loader = PromptLoader(
+            train_set, cfg.trainer.prompts_per_step, cfg.data.shuffle, cfg.data.seed
+        )
         job.val_prompts = None
-        job.dataset_report = {"data/train_prompts": len(train_set), "data/train_skipped": train_set.num_skipped}
+        job.dataset_report = {
+            "data/train_prompts": len(train_set),
+            "data/train_skipped": train_set.num_skipped,
+        }
         if val_set is not None:
             num_val = min(cfg.trainer.num_eval_prompts or len(val_set), len(val_set))
             job.val_prompts = PromptLoader(val_set, num_val, shuffle=False, seed=0).next_batch()
@@ -69,8 +74,10 @@ class Job:
             by_pool.setdefault(pool, {})[name] = role_cls
             job._role_pool[name] = pool
         pools = {name: cfg.resources.pools[name] for name in by_pool}
-        ensure_ray(num_cpus=sum(p.num_workers * p.cpus_per_worker for p in pools.values()) + cfg.reward.num_parallel,
-                   temp_dir=job.output_dir / "ray")
+        ensure_ray(
+            num_cpus=sum(p.num_workers * p.cpus_per_worker for p in pools.values()) + cfg.reward.num_parallel,
+            temp_dir=job.output_dir / "ray",
+        )
         for pool_name, pool_roles in by_pool.items():
             pool = ResourcePool(pool_name, pools[pool_name])
             job.groups[pool_name] = WorkerGroup(pool, pool_roles, cfg)
@@ -132,11 +139,14 @@ class Job:
         path = self.checkpoints.begin(step)
         for role in self._trained_roles():
             self._role(role).save_checkpoint(str(path / role))
-        self.checkpoints.finish(step, {
-            "step": step,
-            "loader": self.train_loader.state_dict(),
-            "kl_coef": self.kl_ctrl.value,
-        })
+        self.checkpoints.finish(
+            step,
+            {
+                "step": step,
+                "loader": self.train_loader.state_dict(),
+                "kl_coef": self.kl_ctrl.value,
+            },
+        )
 
     def restore_latest_checkpoint(self) -> int:
         """Load the newest complete checkpoint when trainer.resume is set; return its step (0 if none)."""

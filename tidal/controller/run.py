@@ -18,5 +18,9 @@ def train(cfg: JobConfig) -> dict[str, Any]:
         final = program(job)
     finally:
         plot = job.shutdown()
-    return {"final": final, "data": job.dataset_report, "plot": str(plot) if plot else None,
-            "output_dir": str(job.output_dir)}
+    return {
+        "final": final,
+        "data": job.dataset_report,
+        "plot": str(plot) if plot else None,
+        "output_dir": str(job.output_dir),
+    }

@@ -30,8 +30,12 @@ def _as_object_array(values: Sequence[Any]) -> np.ndarray:
 
 
 class Batch:
-    def __init__(self, tensors: TensorDict, non_tensors: dict[str, np.ndarray] | None = None,
-                 meta: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        tensors: TensorDict,
+        non_tensors: dict[str, np.ndarray] | None = None,
+        meta: dict[str, Any] | None = None,
+    ):
         self.tensors = tensors
         self.non_tensors = non_tensors or {}
         self.meta = meta or {}
@@ -42,9 +46,12 @@ class Batch:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dict(cls, tensors: dict[str, torch.Tensor] | None = None,
-                  non_tensors: dict[str, Sequence[Any]] | None = None,
-                  meta: dict[str, Any] | None = None) -> Batch:
+    def from_dict(
+        cls,
+        tensors: dict[str, torch.Tensor] | None = None,
+        non_tensors: dict[str, Sequence[Any]] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> Batch:
         tensors = tensors or {}
         non_tensors = {k: _as_object_array(v) for k, v in (non_tensors or {}).items()}
         sizes = {k: t.shape[0] for k, t in tensors.items()} | {k: len(v) for k, v in non_tensors.items()}
@@ -59,8 +66,10 @@ class Batch:
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
-        return int(self.tensors.batch_size[0]) if self.tensors.batch_size else len(
-            next(iter(self.non_tensors.values()), ())
+        return (
+            int(self.tensors.batch_size[0])
+            if self.tensors.batch_size
+            else len(next(iter(self.non_tensors.values()), ()))
         )
 
     def keys(self) -> list[str]:
@@ -97,8 +106,11 @@ class Batch:
         if missing:
             raise KeyError(f"batch has no columns {missing}; it has {self.keys()}")
         tkeys = [k for k in keys if k in self.tensors.keys()]
-        return Batch(self.tensors.select(*tkeys), {k: self.non_tensors[k] for k in keys if k in self.non_tensors},
-                     dict(self.meta))
+        return Batch(
+            self.tensors.select(*tkeys),
+            {k: self.non_tensors[k] for k in keys if k in self.non_tensors},
+            dict(self.meta),
+        )
 
     def union(self, other: Batch) -> Batch:
         """Columns of both. Shared columns must hold equal values (a cheap guard against misalignment)."""
@@ -125,8 +137,9 @@ class Batch:
     reorder = index
 
     def slice(self, start: int, stop: int) -> Batch:
-        return Batch(self.tensors[start:stop], {k: v[start:stop] for k, v in self.non_tensors.items()},
-                     dict(self.meta))
+        return Batch(
+            self.tensors[start:stop], {k: v[start:stop] for k, v in self.non_tensors.items()}, dict(self.meta)
+        )
 
     @classmethod
     def concat(cls, batches: Iterable[Batch]) -> Batch:
@@ -181,8 +194,13 @@ class Batch:
                 dtypes[key] = t.dtype
                 t = t.view(_VIEW_AS_INT[t.dtype])
             arrays[key] = t.numpy()
-        return {"n": len(self), "arrays": arrays, "dtypes": dtypes, "non_tensors": self.non_tensors,
-                "meta": self.meta}
+        return {
+            "n": len(self),
+            "arrays": arrays,
+            "dtypes": dtypes,
+            "non_tensors": self.non_tensors,
+            "meta": self.meta,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         tensors = {}

@@ -20,8 +20,14 @@ def compute_advantages(batch: Batch, cfg: AlgorithmConfig, kl_coef: float) -> tu
     if cfg.use_kl_in_reward:
         # The driver owns the (possibly adaptive) controller; here its current value is applied
         # and the measured KL is reported back for the driver's update.
-        rewards, kl_metrics = apply_kl_penalty(rewards, batch["old_log_probs"], batch["ref_log_probs"], mask,
-                                               FixedKLController(kl_coef), cfg.kl_penalty)
+        rewards, kl_metrics = apply_kl_penalty(
+            rewards,
+            batch["old_log_probs"],
+            batch["ref_log_probs"],
+            mask,
+            FixedKLController(kl_coef),
+            cfg.kl_penalty,
+        )
         metrics["kl/in_reward"] = kl_metrics["reward_kl_penalty"]
         metrics["kl/coef"] = kl_metrics["reward_kl_penalty_coeff"]
     estimator = ADVANTAGE_ESTIMATORS.get(cfg.advantage_estimator)
@@ -33,8 +39,15 @@ def compute_advantages(batch: Batch, cfg: AlgorithmConfig, kl_coef: float) -> tu
         "returns/mean": float(masked_mean(returns, mask)),
         "response/length_mean": float(lengths.mean()),
         "response/length_max": float(lengths.max()) if len(lengths) else 0.0,
-        "response/clip_frac": float((batch["response_mask"][:, -1] > 0).float().mean()) if len(lengths) else 0.0,
+        "response/clip_frac": float((batch["response_mask"][:, -1] > 0).float().mean())
+        if len(lengths)
+        else 0.0,
     }
-    out = Batch.from_dict({"advantages": adv.to(torch.float32), "returns": returns.to(torch.float32),
-                           "token_rewards_total": rewards.to(torch.float32)})
+    out = Batch.from_dict(
+        {
+            "advantages": adv.to(torch.float32),
+            "returns": returns.to(torch.float32),
+            "token_rewards_total": rewards.to(torch.float32),
+        }
+    )
     return out, metrics

@@ -28,8 +28,14 @@ def run_steps(job: Job, step_fn: StepFn) -> dict[str, float]:
     if first == 1:
         last = stages.evaluate(job)
         job.logger.log(0, last)
-    bar = tqdm(range(first, cfg.trainer.total_steps + 1), initial=first - 1, total=cfg.trainer.total_steps,
-               desc="train", disable=not cfg.logging.progress_bar, dynamic_ncols=True)
+    bar = tqdm(
+        range(first, cfg.trainer.total_steps + 1),
+        initial=first - 1,
+        total=cfg.trainer.total_steps,
+        desc="train",
+        disable=not cfg.logging.progress_bar,
+        dynamic_ncols=True,
+    )
     for step in bar:
         start = time.perf_counter()
         metrics = step_fn(job, step)

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
 def generate(job: Job, prompts: Batch, step: int) -> DistributedBatch:
     """prompts x n -> responses, response masks, behaviour log-probs, policy version."""
-    return job.rollout.generate(prompts, seed=job.cfg.trainer.seed * 100_003 + step, policy_version=job.version)
+    return job.rollout.generate(
+        prompts, seed=job.cfg.trainer.seed * 100_003 + step, policy_version=job.version
+    )
 
 
 def score(job: Job, batch: DistributedBatch) -> tuple[DistributedBatch, dict[str, float]]:
@@ -72,8 +74,12 @@ def evaluate(job: Job) -> dict[str, float]:
     if job.val_prompts is None:
         return {}
     start = time.perf_counter()
-    batch = job.rollout.generate(job.val_prompts, sampling=job.cfg.rollout.val_sampling, seed=0,
-                                 policy_version=job.version)
+    batch = job.rollout.generate(
+        job.val_prompts, sampling=job.cfg.rollout.val_sampling, seed=0, policy_version=job.version
+    )
     _, metrics = score(job, batch)
-    return {"val/reward": metrics["reward/mean"], "val/reward_errors": metrics["reward/num_errors"],
-            "perf/eval_s": time.perf_counter() - start}
+    return {
+        "val/reward": metrics["reward/mean"],
+        "val/reward_errors": metrics["reward/num_errors"],
+        "perf/eval_s": time.perf_counter() - start,
+    }

@@ -1,0 +1,163 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tidal.config.schema import ArithmeticTask, DataConfig
+from tidal.dataflow.dataset import PromptDataset, PromptLoader, build_datasets
+from tidal.tasks.tokenizer import build_char_tokenizer
+
+GOOD = [
+    {
+        "prompt": [{"role": "user", "content": "12+3="}],
+        "reward_model": {"ground_truth": "15"},
+        "data_source": "sums",
+    },
+    {"prompt": "7*8=", "reward_model": {"ground_truth": 56}},
+    {"prompt": [{"role": "user", "content": "9-12="}], "reward_model": {"ground_truth": "-3"}, "extra": 1},
+]
+BAD = [
+    ({"prompt": "1+1="}, "missing 'reward_model.ground_truth'"),
+    ({"reward_model": {"ground_truth": "2"}}, "missing 'prompt'"),
+    (
+        {"prompt": "1" * 40 + "=", "reward_model": {"ground_truth": "1"}},
+        "prompt longer than data.max_prompt_length=16",
+    ),
+    (
+        {"prompt": [{"role": "user"}], "reward_model": {"ground_truth": "1"}},
+        "prompt is a list but not a chat of {'role', 'content'} messages",
+    ),
+    (
+        {
+            "prompt": [{"role": "system", "content": "1"}, {"role": "user", "content": "2"}],
+            "reward_model": {"ground_truth": "1"},
+        },
+        "chat prompt of several messages needs data.apply_chat_template=true",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+def cfg(**kw) -> DataConfig:
+    return DataConfig(**{"train_files": ["unused.jsonl"], "max_prompt_length": 16, **kw})
+
+
+def write_jsonl(path, rows, extra_lines=()):
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    return path
+
+
+def test_jsonl_rows_in_verl_layout_and_skipped_rows_are_counted(tmp_path, tok):
+    path = write_jsonl(tmp_path / "mixed.jsonl", GOOD + [row for row, _ in BAD], ["{not json", ""])
+    ds = PromptDataset.from_files([str(path)], cfg(), tok)
+    assert [(r.prompt_text, r.ground_truth, r.data_source) for r in ds] == [
+        ("12+3=", "15", "sums"),
+        ("7*8=", "56", "mixed"),
+        ("9-12=", "-3", "mixed"),
+    ]
+    assert list(ds[0].prompt_ids) == tok("12+3=")["input_ids"]
+    assert dict(ds.skipped) == {reason: 1 for _, reason in BAD} | {"invalid JSON line": 1}
+    assert ds.num_skipped == len(BAD) + 1
+
+
+def test_parquet_gives_the_same_rows_as_jsonl(tmp_path, tok):
+    rows = [dict(r, reward_model={"ground_truth": str(r["reward_model"]["ground_truth"])}) for r in GOOD]
+    rows = [{k: v for k, v in r.items() if k != "extra"} for r in rows]
+    for r in rows:
+        r["prompt"] = (
+            r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
+        )
+        r.setdefault("data_source", "mixed")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mixed.parquet")
+    write_jsonl(tmp_path / "mixed.jsonl", rows)
+    from_parquet = PromptDataset.from_files([str(tmp_path / "mixed.parquet")], cfg(), tok)
+    from_jsonl = PromptDataset.from_files([str(tmp_path / "mixed.jsonl")], cfg(), tok)
+    assert list(from_parquet) == list(from_jsonl) and len(from_parquet) == 3 and not from_parquet.skipped
+
+
+def test_ground_truth_key_is_a_dotted_path(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "2+2=", "extra_info": {"answer": {"value": "4"}}}])
+    ds = PromptDataset.from_files(
+        [str(path)], cfg(prompt_key="question", ground_truth_key="extra_info.answer.value"), tok
+    )
+    assert ds[0].ground_truth == "4" and ds[0].prompt_text == "2+2="
+
+
+def test_chat_template_is_applied_when_asked(tmp_path, tok):
+    path = write_jsonl(tmp_path / "c.jsonl", GOOD)
+    with pytest.raises(ValueError, match="data.apply_chat_template=true but"):
+        PromptDataset.from_files([str(path)], cfg(apply_chat_template=True), tok)
+    templated = build_char_tokenizer()
+    templated.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %} {% endif %}"
+    )
+    ds = PromptDataset.from_files([str(path)], cfg(apply_chat_template=True), templated)
+    assert [r.prompt_text for r in ds] == ["12+3=\n ", "7*8=\n ", "9-12=\n "]
+    assert list(ds[1].prompt_ids) == templated("7*8=\n ")["input_ids"]
+
+
+def test_file_errors_name_the_field(tmp_path, tok):
+    with pytest.raises(ValueError, match="data.val_files holds .*does not exist"):
+        PromptDataset.from_files([str(tmp_path / "nope.jsonl")], cfg(), tok, field="data.val_files")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="only .jsonl and .parquet"):
+        PromptDataset.from_files([str(tmp_path / "x.csv")], cfg(), tok)
+    empty = write_jsonl(tmp_path / "bad.jsonl", [row for row, _ in BAD])
+    with pytest.raises(ValueError, match="yields no usable prompt"):
+        build_datasets(cfg(train_files=[str(empty)]), tok)
+
+
+def test_build_datasets_from_the_task(tok):
+    data = DataConfig(task=ArithmeticTask(num_train=100, num_val=10))
+    train, val = build_datasets(data, tok)
+    assert len(train) == 100 and len(val) == 10
+    assert {r.data_source for r in train} == {"arithmetic"}
+    assert all(str(eval(r.prompt_text[:-1])) == r.ground_truth for r in val)  # noqa: S307 - our own prompts
+
+
+def test_loader_pads_left_and_covers_each_epoch_once(tok):
+    train, _ = build_datasets(DataConfig(task=ArithmeticTask(max_digits=2, num_train=10, num_val=2)), tok)
+    loader = PromptLoader(train, batch_size=4, shuffle=True, seed=0)
+    batches = [loader.next_batch() for _ in range(5)]  # 20 prompts: two epochs of 10
+    b = batches[0]
+    assert b["prompt_ids"].dtype == torch.int64 and b["prompt_ids"].shape[0] == 4
+    for ids, mask, text in zip(b["prompt_ids"], b["prompt_mask"], b["prompt_text"]):
+        n = int(mask.sum())
+        assert mask[-n:].all() and not mask[:-n].any()  # left padding
+        assert (ids[:-n] == tok.pad_token_id).all() and tok.decode(ids[-n:]) == text
+    uids = [u for batch in batches for u in batch["uid"]]
+    assert len(set(uids)) == 20
+    texts = [t for batch in batches for t in batch["prompt_text"]]
+    assert sorted(texts[:10]) == sorted(texts[10:]) == sorted(r.prompt_text for r in train)
+    assert texts[:10] != texts[10:]  # each epoch has its own order
+    again = PromptLoader(train, batch_size=4, shuffle=True, seed=0)
+    assert list(again.next_batch()["uid"]) == list(b["uid"])
+    unshuffled = PromptLoader(train, batch_size=3, shuffle=False, seed=0).next_batch()
+    assert list(unshuffled["prompt_text"]) == [r.prompt_text for r in train[:3]]
+
+
+def test_loader_resumes_exactly(tok):
+    train, _ = build_datasets(DataConfig(task=ArithmeticTask(num_train=7, num_val=2)), tok)
+    loader = PromptLoader(train, batch_size=3, shuffle=True, seed=5)
+    for _ in range(4):
+        loader.next_batch()
+    state = loader.state_dict()
+    expected = [loader.next_batch() for _ in range(5)]
+    resumed = PromptLoader(train, batch_size=3, shuffle=True, seed=5)
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, [resumed.next_batch() for _ in range(5)]):
+        assert list(want["uid"]) == list(got["uid"])
+        assert torch.equal(want["prompt_ids"], got["prompt_ids"])
+    other, _ = build_datasets(DataConfig(task=ArithmeticTask(num_train=8, num_val=2)), tok)
+    with pytest.raises(ValueError, match="saved over 7 prompts"):
+        PromptLoader(other, batch_size=3, shuffle=True, seed=5).load_state_dict(state)

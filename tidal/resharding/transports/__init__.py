@@ -1,0 +1,11 @@
+"""Transports that move a resharding plan's buffers between devices, behind one small interface.
+
+- `LocalTransport` (local.py): in-process copies (one process, or devices simulated by threads).
+- `TorchP2PTransport` (torch_p2p.py): torch.distributed isend/irecv, gloo on CPU, NCCL on GPU.
+"""
+
+from tidal.resharding.transports.base import Pending, Transport
+from tidal.resharding.transports.local import LocalHub, LocalTransport
+from tidal.resharding.transports.torch_p2p import TorchP2PTransport
+
+__all__ = ["LocalHub", "LocalTransport", "Pending", "TorchP2PTransport", "Transport"]

@@ -1,0 +1,82 @@
+"""The one interface every resharding transport implements: exchange flat byte buffers with peers.
+
+An executor runs a plan bucket by bucket. In each bucket a device has at most one buffer for each
+peer it sends to and one for each peer it receives from (the plan packs all rectangles between a
+pair of devices into one buffer), and both ends compute the same sizes from the same plan. So a
+transport only has to move contiguous uint8 buffers between numbered devices; it knows nothing
+about tensors, names or layouts. Buffers are uint8 so that a transport never depends on whether
+its backend supports the model's dtype (gloo and bfloat16, say).
+
+`start` posts every send and receive of one bucket and returns at once; `Pending.wait` returns
+when all of them are done: the received buffers are filled and the sent ones may be reused.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import torch
+
+
+class Pending(ABC):
+    """The sends and receives of one `Transport.start` call, in flight."""
+
+    @abstractmethod
+    def wait(self) -> None:
+        """Block until every buffer of the call has been sent or received."""
+
+
+class Done(Pending):
+    """A call that had nothing left to do when `start` returned."""
+
+    def wait(self) -> None:
+        return None
+
+
+class Transport(ABC):
+    """Moves contiguous uint8 buffers between the devices (ranks 0..world_size-1) of one group."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is outside a transport group of world_size={world_size}")
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device  # where buffers must live (cpu for gloo, this rank's GPU for nccl/ipc)
+
+    @abstractmethod
+    def _start(self, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor]) -> Pending:
+        """Post the checked sends and receives (see `start`)."""
+
+    def start(self, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor]) -> Pending:
+        """Send `sends[peer]` to each peer and receive into `recvs[peer]` from each peer.
+
+        Every device of the group that appears as a peer must make the matching call (same bucket,
+        same sizes); devices with nothing to do in a bucket may skip it.
+        """
+        for what, buffers in (("send", sends), ("recv", recvs)):
+            for peer, buf in buffers.items():
+                if not 0 <= peer < self.world_size or peer == self.rank:
+                    raise ValueError(
+                        f"{type(self).__name__} on rank {self.rank}: {what} peer {peer} must be another "
+                        f"rank of the group (0..{self.world_size - 1})"
+                    )
+                if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
+                    raise ValueError(
+                        f"{type(self).__name__}: {what} buffer for peer {peer} is {buf.dtype} "
+                        f"{tuple(buf.shape)}; pass a contiguous 1-D uint8 tensor (tensor.view(torch.uint8))"
+                    )
+                if buf.device != self.device:
+                    raise ValueError(
+                        f"{type(self).__name__}: {what} buffer for peer {peer} is on {buf.device}, "
+                        f"this transport moves buffers on {self.device}"
+                    )
+        return self._start(sends, recvs)
+
+    def exchange(self, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor]) -> None:
+        """`start` and wait."""
+        self.start(sends, recvs).wait()
+
+    def close(self) -> None:
+        """Release what the transport holds (shared memory, groups it made); idempotent."""
+        return None

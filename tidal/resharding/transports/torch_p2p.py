@@ -1,0 +1,67 @@
+"""torch.distributed point-to-point transport: gloo on CPU, NCCL on GPU.
+
+All sends and receives of a bucket go out in one `batch_isend_irecv` call. On NCCL that call is
+coalesced into one grouped launch (so a device sending to several peers does not serialise them,
+and the order of sends and receives cannot deadlock); gloo has no coalescing and torch falls back
+to posting each isend/irecv, which gloo runs asynchronously on its own threads, so the effect is
+the same: everything is in flight before anyone waits.
+
+Peers are ranks of `group` (the default group when None), the devices of the plan's placement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+from tidal.resharding.transports.base import Done, Pending, Transport
+
+
+class _Works(Pending):
+    def __init__(self, works: list[dist.Work]):
+        self._works = works
+
+    def wait(self) -> None:
+        for work in self._works:
+            work.wait()
+
+
+class TorchP2PTransport(Transport):
+    """isend/irecv over an initialised process group (gloo or nccl)."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        if not dist.is_initialized():
+            raise ValueError(
+                "TorchP2PTransport needs torch.distributed initialised "
+                "(dist.init_process_group('gloo' or 'nccl', ...)) before it is built"
+            )
+        self.group = group
+        self.backend = dist.get_backend(group)
+        if self.backend == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif self.backend == "gloo":
+            device = torch.device("cpu")
+        else:
+            raise ValueError(f"TorchP2PTransport supports backends 'gloo' and 'nccl', not {self.backend!r}")
+        super().__init__(dist.get_rank(group), dist.get_world_size(group), device)
+        if self.backend == "nccl":
+            # NCCL creates its communicator lazily, and a first batched p2p call that only some ranks
+            # join would hang (torch's documented caveat): make the first call a collective of all.
+            dist.barrier(group=group, device_ids=[device.index])
+
+    def _start(self, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor]) -> Pending:
+        ops = [
+            dist.P2POp(dist.isend, buf, group=self.group, group_peer=peer)
+            for peer, buf in sorted(sends.items())
+            if buf.numel()
+        ]
+        ops += [
+            dist.P2POp(dist.irecv, buf, group=self.group, group_peer=peer)
+            for peer, buf in sorted(recvs.items())
+            if buf.numel()
+        ]
+        if not ops:
+            return Done()
+        return _Works(dist.batch_isend_irecv(ops))
