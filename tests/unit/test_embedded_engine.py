@@ -35,7 +35,11 @@ def build_model_dir(
     path: Path, arch: str = "qwen2", seed: int = 0, tie: bool = False, eos_boost: float = 3.0
 ) -> Path:
     """A 2-layer random model whose <eos> is likely enough that greedy rows stop at different steps."""
-    config_cls = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig}[arch]
+    config_cls = {
+        "qwen2": transformers.Qwen2Config,
+        "llama": transformers.LlamaConfig,
+        "qwen3": transformers.Qwen3Config,  # adds per-head q/k norms
+    }[arch]
     config = config_cls(
         num_hidden_layers=2,
         hidden_size=64,
@@ -95,7 +99,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model_dir(tmp_path_factory.mktemp("qwen2"))
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
 @pytest.mark.parametrize("variant", ENGINE_VARIANTS)
 def test_greedy_matches_hf_generate_token_for_token(tmp_path: Path, arch: str, variant: dict) -> None:
     if variant.get("pack_weights") and not packing_available(torch.float32):

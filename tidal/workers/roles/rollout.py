@@ -67,15 +67,20 @@ class RolloutRole:
             generator,
             num_samples=sampling.n,
         )
-        lengths = out.response_mask.sum(-1).tolist()
-        rows = [ids[:length] for ids, length in zip(out.response_ids.tolist(), lengths)]
+        # Every rank returns R = max_new_tokens columns, so shards of different ranks concatenate.
+        width = sampling.max_new_tokens
+        response_ids = _pad_right(out.response_ids, width, self.engine.pad_token_id)
+        response_mask = _pad_right(out.response_mask, width, 0)
+        log_probs = _pad_right(out.log_probs, width, 0.0)
+        lengths = response_mask.sum(-1).tolist()
+        rows = [ids[:length] for ids, length in zip(response_ids.tolist(), lengths)]
         # (batch_decode of no rows returns [''], not [])
         texts = self.engine.tokenizer.batch_decode(rows, skip_special_tokens=True) if rows else []
         responses = Batch.from_dict(
             {
-                "response_ids": out.response_ids,
-                "response_mask": out.response_mask,
-                "rollout_log_probs": out.log_probs,
+                "response_ids": response_ids,
+                "response_mask": response_mask,
+                "rollout_log_probs": log_probs,
                 "policy_version": torch.full((len(lengths),), version, dtype=torch.long),
             },
             non_tensors={"response_text": texts},
@@ -86,6 +91,12 @@ class RolloutRole:
         """In-process weight sync from the colocated trainer (HF names, full tensors)."""
         self.engine.load_weights(weights)
         self.weights_version = version
+
+
+def _pad_right(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    if x.shape[1] >= width:
+        return x
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
 
 
 def _rank_seed(seed: int, dp_rank: int) -> int:

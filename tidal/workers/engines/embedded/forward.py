@@ -1,17 +1,18 @@
 """The two ways the embedded engine runs the model: a lean Llama-family path and the HF reference.
 
-Both implement the same three calls used by the decode loop:
+Both implement the calls used by the decode loop:
     prefill(ids [B,P], mask [B,P], positions [B,P], max_len) -> last-token logits [B,V]
     decode(tokens [B], positions [B]) -> logits [B,V]
-    keep(rows [B'])   drop finished rows from the cache
+    keep(rows [B'])   keep these rows of the cache (drop finished ones, or fan a prompt out to n)
+    refresh()         re-read weights after an in-place update
 
 `HFForward` is the plain reference: the model's own forward with a transformers DynamicCache.
-`FastForward` reuses the model's modules (projections, norms, MLP, rotary table) but does the
-attention itself over a preallocated `StaticKVCache`. On small models generation is bound by
-per-step framework overhead (mask building, cache bookkeeping, logits processors), not by FLOPs,
-and this path does a fixed, short list of tensor ops per layer. It covers decoders whose layers are
-exactly Llama's (Llama, Qwen2, Qwen3, Mistral without sliding windows); `FastForward.unsupported`
-says why a model is not covered, and the engine then uses `HFForward`.
+`FastForward` reuses the model's embeddings, norms and rotary table but does the rest itself over
+a preallocated `StaticKVCache`: q/k/v in one product, SiLU fused into the gate product (oneDNN
+prepacked weights on CPU, see linear.py), and decode attention as two small matmuls, which on CPU
+are several times cheaper than scaled_dot_product_attention for a single query. It covers decoders
+whose layers are exactly Llama's (Llama, Qwen2, Qwen3, Mistral without sliding windows);
+`FastForward.unsupported` says why a model is not covered, and the engine then uses `HFForward`.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class FastForward:
 
     @staticmethod
     def unsupported(model: PreTrainedModel) -> str | None:
-        """None when this path reproduces the model exactly; otherwise the reason it does not."""
+        """None when this path computes what the model computes (up to float rounding); else why not."""
         cfg = model.config
         if cfg.model_type not in _FAST_MODEL_TYPES:
             return f"model_type {cfg.model_type!r} is not one of {sorted(_FAST_MODEL_TYPES)}"
@@ -199,7 +200,8 @@ class FastForward:
             # Plain matmul-softmax-matmul: for one query per row it is several times faster on
             # CPU than scaled_dot_product_attention, whose fixed cost dominates at this size.
             scores = torch.matmul(_rope(q, cos, sin) * self.scaling, keys.transpose(-1, -2))
-            out = torch.matmul(torch.softmax(scores.add_(bias), dim=-1), values)
+            probs = torch.softmax(scores.add_(bias), dim=-1, dtype=torch.float32).to(values.dtype)
+            out = torch.matmul(probs, values)
             hidden = hidden + linears["o"](out.reshape(batch, -1))
             hidden = hidden + self._mlp(linears, layer.post_attention_layernorm(hidden))
         cache.advance(1)
