@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tidal.resharding.apply import materialize
-from tidal.resharding.executor import ReshardExecutor
+from tidal.resharding.executor import ReshardExecutor, is_contiguous
 from tidal.resharding.layout import ParallelLayout, box_slices
 from tidal.resharding.planner import Placement, make_plan
 from tidal.resharding.spec import ModelSpec
@@ -122,20 +122,27 @@ CASES = [
 ]
 
 
-def _run_case(transport, case, seed: int) -> tuple[ReshardExecutor, dict, dict, dict]:
-    """Sync one case on this device; check its targets; return what the caller checks further."""
+def _run_case(transport, case, seed: int, min_direct_bytes: int) -> tuple[ReshardExecutor, dict, dict, dict]:
+    """Sync one case on this device; check its targets; return what the caller checks further.
+
+    min_direct_bytes=1 sends every rectangle as its own message, straight from and into tensor
+    memory where it is contiguous; a large value packs them all into the staging buffer.
+    """
     name, spec, src, dst, placement, bucket_bytes = case
     plan = make_plan(spec, src, dst, placement, bucket_bytes)
-    executor = ReshardExecutor(plan, transport)
+    executor = ReshardExecutor(plan, transport, min_direct_bytes=min_direct_bytes)
     full = full_tensors(spec, seed)
-    sources = {r: materialize(spec, src, r, full) for r in executor.src_ranks}
+    device = transport.device
+    sources = {
+        r: {k: v.to(device) for k, v in materialize(spec, src, r, full).items()} for r in executor.src_ranks
+    }
     targets = executor.allocate_targets()
     stats = executor.sync(sources, targets, verify=True)
     for rank, tensors in targets.items():
         expected = materialize(spec, dst, rank, full)
         for tensor_name, got in tensors.items():
-            assert torch.equal(got, expected[tensor_name]), (name, rank, tensor_name)
-    assert stats.staging_bytes <= bucket_bytes, (name, stats)
+            assert torch.equal(got.cpu(), expected[tensor_name]), (name, rank, tensor_name)
+    assert stats.staging_bytes <= 2 * bucket_bytes, (name, stats)  # two halves: pack k+1 during k
     return executor, sources, targets, {"stats": stats, "full": full}
 
 
@@ -145,9 +152,11 @@ def _worker(rank: int, store: str) -> None:
         "gloo", init_method=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
     )
     transport = TorchP2PTransport()
-    for case in CASES:
+    for case, min_direct_bytes in ((c, d) for c in CASES for d in (1, 1 << 20)):
         name, spec, src, dst, placement, bucket_bytes = case
-        executor, sources, targets, info = _run_case(transport, case, seed=1)
+        executor, sources, targets, info = _run_case(
+            transport, case, seed=1, min_direct_bytes=min_direct_bytes
+        )
         stats = info["stats"]
 
         # Bytes on the wire: exactly what each device lacks, summed over devices.
@@ -188,6 +197,41 @@ def test_gloo_p2p_reshards_megatron_fsdp_to_vllm_hf_colocated_and_disaggregated(
     mp.spawn(_worker, args=(f"file://{tmp_path}/rendezvous",), nprocs=WORLD, join=True)
 
 
+def _gpu_worker(rank: int, store: str, kind: str) -> None:
+    """Every case over NCCL (one GPU per process) or CUDA IPC (all processes on GPU 0)."""
+    from tidal.resharding.transports.cuda_ipc import CudaIpcTransport
+
+    torch.cuda.set_device(rank if kind == "nccl" else 0)
+    dist.init_process_group(
+        "nccl" if kind == "nccl" else "gloo",
+        init_method=store,
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    capacity = max(case[5] for case in CASES)
+    transport = TorchP2PTransport() if kind == "nccl" else CudaIpcTransport(capacity_bytes=capacity)
+    for case, min_direct_bytes in ((c, d) for c in CASES for d in (1, 1 << 20)):
+        _run_case(transport, case, seed=1, min_direct_bytes=min_direct_bytes)
+        dist.barrier()
+    transport.close()
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_between_processes_sharing_one_gpu(tmp_path):
+    mp.spawn(_gpu_worker, args=(f"file://{tmp_path}/rendezvous", "ipc"), nprocs=WORLD, join=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < WORLD,
+    reason=f"NCCL needs one GPU per process: {WORLD} GPUs",
+)
+def test_nccl_p2p_one_gpu_per_process(tmp_path):
+    mp.spawn(_gpu_worker, args=(f"file://{tmp_path}/rendezvous", "nccl"), nprocs=WORLD, join=True)
+
+
 def _threads(num_devices: int, fn) -> list:
     """Run fn(device) on one thread per device; re-raise the first failure."""
     results: list = [None] * num_devices
@@ -209,17 +253,18 @@ def _threads(num_devices: int, fn) -> list:
     return results
 
 
+@pytest.mark.parametrize("min_direct_bytes", [1, 1 << 20], ids=["direct", "packed"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0].split(",")[0] for c in CASES])
-def test_in_process_hub_runs_the_same_plans_with_threads(case):
+def test_in_process_hub_runs_the_same_plans_with_threads(case, min_direct_bytes):
     hub = LocalHub(WORLD, timeout_s=30)
-    _threads(WORLD, lambda device: _run_case(hub.transport(device), case, seed=3))
+    _threads(WORLD, lambda device: _run_case(hub.transport(device), case, 3, min_direct_bytes))
 
 
 def test_world_of_one_is_local_copies_only():
     """Trainer and engine in one process: Hugging Face tensors -> vLLM tp1 without any exchange."""
     case = ("hf -> vllm tp1 in one process", DENSE, ParallelLayout.hf(), ParallelLayout.vllm(), None, 64)
     case = (*case[:4], Placement.colocated(1, 1), case[5])
-    executor, _, _, info = _run_case(LocalTransport.single(), case, seed=4)
+    executor, _, _, info = _run_case(LocalTransport.single(), case, seed=4, min_direct_bytes=1)
     assert info["stats"].bytes_received == info["stats"].bytes_sent == 0
     assert info["stats"].local_copy_bytes == DENSE.num_bytes()
 
@@ -230,19 +275,33 @@ def test_mismatched_sizes_and_bad_buffers_are_refused():
     def run(device: int) -> None:
         transport = hub.transport(device)
         if device == 0:
-            transport.exchange({1: torch.zeros(8, dtype=torch.uint8)}, {})
+            transport.exchange({1: [torch.zeros(8, dtype=torch.uint8)]}, {})
         else:
             with pytest.raises(RuntimeError, match="sent 8 bytes, 4 expected"):
-                transport.exchange({}, {0: torch.zeros(4, dtype=torch.uint8)})
+                transport.exchange({}, {0: [torch.zeros(4, dtype=torch.uint8)]})
 
     _threads(2, run)
     with pytest.raises(ValueError, match="uint8"):
-        hub.transport(0).exchange({1: torch.zeros(2)}, {})
+        hub.transport(0).exchange({1: [torch.zeros(2)]}, {})
     with pytest.raises(ValueError, match="another rank"):
-        hub.transport(0).exchange({0: torch.zeros(2, dtype=torch.uint8)}, {})
+        hub.transport(0).exchange({0: [torch.zeros(2, dtype=torch.uint8)]}, {})
     plan = make_plan(DENSE, ParallelLayout.megatron(tp=2), ParallelLayout.vllm(), Placement.colocated(2, 1))
     with pytest.raises(ValueError, match="transport's group has 1 ranks"):
         ReshardExecutor(plan, LocalTransport.single())
     executor = ReshardExecutor(plan, hub.transport(0))
     with pytest.raises(ValueError, match="lacks tensor"):
         executor.sync({0: {}}, executor.allocate_targets())
+
+
+def test_is_contiguous_agrees_with_torch():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        shape = tuple(
+            int(n) for n in torch.randint(1, 4, (int(torch.randint(1, 4, ()).item()),), generator=gen)
+        )
+        box = []
+        for n in shape:
+            start = int(torch.randint(0, n, (), generator=gen))
+            box.append((start, int(torch.randint(start + 1, n + 1, (), generator=gen))))
+        box = tuple(box)
+        assert is_contiguous(box, shape) == torch.empty(shape)[box_slices(box)].is_contiguous(), (shape, box)

@@ -106,7 +106,9 @@ def _randomize(model, seed: int, tp_rank: int, scale: float) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             sharded = getattr(p, "tensor_model_parallel", False)
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}/{tp_rank if sharded else -1}".encode()))
+            gen = torch.Generator().manual_seed(
+                zlib.crc32(f"{seed}/{name}/{tp_rank if sharded else -1}".encode())
+            )
             noise = torch.randn(p.shape, generator=gen) * scale
             p.add_(noise) if "norm" in name else p.copy_(noise)
 
@@ -223,7 +225,10 @@ def _worker(rank: int, store: str) -> None:
         # target tensors must carry the new values (no cached copy of the old ones).
         _randomize(model, seed=1, tp_rank=rank, scale=0.05)
         new_reference = _reference_hf(_full_megatron(model), spec)
-        assert not torch.equal(new_reference["model.layers.0.self_attn.q_proj.weight"], reference["model.layers.0.self_attn.q_proj.weight"])
+        assert not torch.equal(
+            new_reference["model.layers.0.self_attn.q_proj.weight"],
+            reference["model.layers.0.self_attn.q_proj.weight"],
+        )
         for what, executor, targets in syncs:
             with torch.no_grad():
                 executor.sync(sources, targets, verify=True)

@@ -2,13 +2,17 @@
 
 Every device builds the same plan (it is pure and cached) and an executor for itself. A sync then:
 1. copies the rectangles a source rank on this device already holds into the target tensors;
-2. for each bucket, packs the rectangles for each receiving peer into one flat buffer (plan order),
-   exchanges all of this bucket's buffers through the transport, and unpacks what arrived straight
-   into the target tensors.
+2. for each bucket, exchanges this device's messages with its peers through the transport: per
+   peer, the small rectangles packed into one buffer (plan order), then each large rectangle as a
+   message of its own. A large rectangle that is contiguous in memory (a TP shard of rows, say)
+   is sent from the source tensor and received into the target tensor as it is: no copy at all.
+   Only packed and strided rectangles (column blocks of row-parallel weights) are staged, and
+   unpacked into the target tensors after the exchange.
 
-All buffers of a bucket are views of one staging buffer, sized to the largest bucket this device
-takes part in (the plan caps that at `bucket_bytes`), so the extra memory of a sync is one bucket.
-The staging buffer lives only during a sync unless `keep_staging` asks to reuse it.
+One exchange is in flight at a time; meanwhile the next bucket is packed and the previous one
+unpacked, so the staging buffer has two halves, each the most this device stages in one bucket.
+With contiguous rectangles going direct, that is well under one bucket (`bucket_bytes`) for TP
+reshards. The staging buffer lives only during a sync unless `keep_staging` asks to reuse it.
 
 Target tensors are the caller's (an engine's parameters, or `allocate_targets()`): they are written
 in place, and padding elements (vocabulary rows no piece covers) are left as the caller has them.
@@ -34,27 +38,31 @@ from tidal.resharding.transports.base import Transport
 RankTensors = Mapping[str, torch.Tensor]
 TensorsByRank = Mapping[int, RankTensors]
 
+DEFAULT_MIN_DIRECT_BYTES = 64 << 10  # smaller rectangles are packed: one message each would cost more
 _CHECKSUM_CHUNK = 1 << 22  # elements converted to int64 at a time while checksumming
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass(frozen=True)
-class _Transfer:
-    """The rectangles one bucket moves between this device and one peer, packed in this order."""
+class _Message:
+    """One buffer between this device and a peer: packed small rectangles, or one large rectangle.
 
-    peer: int
+    Both ends cut a pair's moves into messages the same way (from the plan alone). Each end then
+    decides for itself whether its side of a one-rectangle message is the tensor's own memory
+    (`direct`: the rectangle is contiguous, so nothing is copied) or a slice of the staging buffer.
+    """
+
     moves: tuple[Move, ...]
     num_elements: int
+    direct: bool
+    offset: int  # into the staging buffer, when not direct
 
 
 @dataclass(frozen=True)
 class _Bucket:
-    sends: tuple[_Transfer, ...]
-    recvs: tuple[_Transfer, ...]
-
-    @property
-    def num_elements(self) -> int:
-        return sum(t.num_elements for t in (*self.sends, *self.recvs))
+    sends: tuple[tuple[int, tuple[_Message, ...]], ...]  # (peer, its messages in order)
+    recvs: tuple[tuple[int, tuple[_Message, ...]], ...]
+    staged_elements: int
 
 
 @dataclass(frozen=True)
@@ -81,13 +89,15 @@ def _extents(box: Box) -> tuple[int, ...]:
     return tuple(stop - start for start, stop in box)
 
 
-def _group(moves: tuple[Move, ...], peer_of) -> tuple[_Transfer, ...]:
-    by_peer: defaultdict[int, list[Move]] = defaultdict(list)
-    for m in moves:
-        by_peer[peer_of(m)].append(m)
-    return tuple(
-        _Transfer(peer, tuple(ms), sum(box_numel(m.src_box) for m in ms)) for peer, ms in sorted(by_peer.items())
-    )
+def is_contiguous(box: Box, shape: tuple[int, ...]) -> bool:
+    """Whether `box` of a row-major tensor of `shape` is one contiguous run of memory: after its
+    first dimension of extent > 1, every dimension is whole."""
+    spread = False
+    for (start, stop), n in zip(box, shape, strict=True):
+        if spread and (start, stop) != (0, n):
+            return False
+        spread = spread or stop - start > 1
+    return True
 
 
 def checksum(rect: torch.Tensor) -> torch.Tensor:
@@ -110,9 +120,20 @@ def checksum(rect: torch.Tensor) -> torch.Tensor:
 
 
 class ReshardExecutor:
-    """The device `transport.rank` of `plan.placement`: its local copies, sends and receives."""
+    """The device `transport.rank` of `plan.placement`: its local copies, sends and receives.
 
-    def __init__(self, plan: Plan, transport: Transport, keep_staging: bool = False):
+    Rectangles of at least `min_direct_bytes` travel as messages of their own, straight from and
+    into tensor memory where they are contiguous (most TP shards are row blocks); smaller ones and
+    strided ones (column blocks of row-parallel weights) go through the staging buffer.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        transport: Transport,
+        keep_staging: bool = False,
+        min_direct_bytes: int = DEFAULT_MIN_DIRECT_BYTES,
+    ):
         devices = (*plan.placement.src_devices, *plan.placement.dst_devices)
         if max(devices) >= transport.world_size:
             raise ValueError(
@@ -128,23 +149,54 @@ class ReshardExecutor:
         self.dst_ranks = tuple(r for r, d in enumerate(dst_dev) if d == self.device)
         ops = plan.device_ops(self.device)
         self._local_copies = ops.local_copies
-        buckets = (
-            _Bucket(_group(s, lambda m: dst_dev[m.dst_rank]), _group(r, lambda m: src_dev[m.src_rank]))
-            for s, r in zip(ops.sends, ops.recvs, strict=True)
-        )
-        self._buckets = tuple(b for b in buckets if b.sends or b.recvs)
-        self._elem = plan.spec.element_size
-        self._staging_elements = max((b.num_elements for b in self._buckets), default=0)
+        spec = plan.spec
+        src_shapes = {(r, t.name): t.shape for r in self.src_ranks for t in plan.src.rank_tensors(spec, r)}
+        dst_shapes = {(r, t.name): t.shape for r in self.dst_ranks for t in plan.dst.rank_tensors(spec, r)}
+        buckets = []
+        for sends, recvs in zip(ops.sends, ops.recvs, strict=True):
+            if not sends and not recvs:
+                continue
+            staged = 0
+            sides = []
+            for moves, peer_of, direct in (
+                (
+                    sends,
+                    lambda m: dst_dev[m.dst_rank],
+                    lambda m: is_contiguous(m.src_box, src_shapes[(m.src_rank, m.src_tensor)]),
+                ),
+                (
+                    recvs,
+                    lambda m: src_dev[m.src_rank],
+                    lambda m: is_contiguous(m.dst_box, dst_shapes[(m.dst_rank, m.dst_tensor)]),
+                ),
+            ):
+                by_peer: defaultdict[int, list[Move]] = defaultdict(list)
+                for m in moves:
+                    by_peer[peer_of(m)].append(m)
+                side = []
+                for peer, ms in sorted(by_peer.items()):
+                    messages = []
+                    for group, is_direct in _cut(ms, min_direct_bytes, direct):
+                        n = sum(box_numel(m.src_box) for m in group)
+                        messages.append(_Message(group, n, is_direct, staged))
+                        staged += 0 if is_direct else n
+                    side.append((peer, tuple(messages)))
+                sides.append(tuple(side))
+            buckets.append(_Bucket(sides[0], sides[1], staged))
+        self._buckets = tuple(buckets)
+        self._elem = spec.element_size
+        self._staging_elements = max((b.staged_elements for b in self._buckets), default=0)
         self._staging: torch.Tensor | None = None
 
     @property
     def received_moves(self) -> tuple[Move, ...]:
         """The rectangles this device receives, in the order they arrive."""
-        return tuple(m for b in self._buckets for t in b.recvs for m in t.moves)
+        return tuple(m for b in self._buckets for _, msgs in b.recvs for msg in msgs for m in msg.moves)
 
     @property
     def staging_bytes(self) -> int:
-        return self._staging_elements * self._elem
+        """The staging buffer of a sync: twice the most this device packs in one bucket."""
+        return 2 * self._staging_elements * self._elem
 
     def allocate_targets(self) -> dict[int, dict[str, torch.Tensor]]:
         """Zero-filled target tensors of every target rank on this device (padding reads 0)."""
@@ -164,30 +216,31 @@ class ReshardExecutor:
         self._check(sources, self.plan.src, self.src_ranks, "source")
         self._check(targets, self.plan.dst, self.dst_ranks, "target")
         start = time.perf_counter()
-        for m in self._local_copies:
-            src = sources[m.src_rank][m.src_tensor][box_slices(m.src_box)]
-            targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)].copy_(src.reshape(_extents(m.dst_box)))
+        # Two halves of the staging buffer: bucket k+1 is packed, and bucket k-1 unpacked, while
+        # bucket k is on the wire (one exchange in flight at a time, so messages cannot mix).
         staging = self._staging_buffer()
-        sent = received = 0
-        for bucket in self._buckets:
-            offset = 0
-            sends, recvs = {}, {}
-            for t in bucket.sends:
-                buf = staging[offset : offset + t.num_elements]
-                offset += t.num_elements
-                self._pack(t, sources, buf)
-                sends[t.peer] = buf.view(torch.uint8)
-                sent += buf.numel() * self._elem
-            views = []
-            for t in bucket.recvs:
-                buf = staging[offset : offset + t.num_elements]
-                offset += t.num_elements
-                recvs[t.peer] = buf.view(torch.uint8)
-                views.append((t, buf))
-                received += buf.numel() * self._elem
-            self.transport.exchange(sends, recvs)
-            for t, buf in views:
-                self._unpack(t, buf, targets)
+        halves = (staging[: self._staging_elements], staging[self._staging_elements :])
+        pending, unpack = None, []
+        nxt = self._prepare(0, sources, targets, halves[0]) if self._buckets else None
+        if not self._buckets:
+            self._copy_local(sources, targets)
+        for k in range(len(self._buckets)):
+            sends, recvs, to_unpack = nxt
+            pending = self.transport.start(sends, recvs)
+            if k == 0:  # while the first bucket is on the wire
+                self._copy_local(sources, targets)
+            for moves, buf in unpack:  # the previous bucket's staged rectangles
+                _unpack(moves, buf, targets)
+            if k + 1 < len(self._buckets):
+                nxt = self._prepare(k + 1, sources, targets, halves[(k + 1) % 2])
+            pending.wait()
+            unpack = to_unpack
+        for moves, buf in unpack:
+            _unpack(moves, buf, targets)
+        sent = sum(msg.num_elements for b in self._buckets for _, ms in b.sends for msg in ms) * self._elem
+        received = (
+            sum(msg.num_elements for b in self._buckets for _, ms in b.recvs for msg in ms) * self._elem
+        )
         if not self.keep_staging:
             self._staging = None
         if self.transport.device.type == "cuda":
@@ -209,30 +262,45 @@ class ReshardExecutor:
                 )
         return stats
 
+    def _copy_local(self, sources: TensorsByRank, targets: TensorsByRank) -> None:
+        for m in self._local_copies:
+            src = sources[m.src_rank][m.src_tensor][box_slices(m.src_box)]
+            targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)].copy_(src.reshape(_extents(m.dst_box)))
+
     def _staging_buffer(self) -> torch.Tensor:
         if self._staging is None:
             self._staging = torch.empty(
-                self._staging_elements, dtype=self.plan.spec.torch_dtype, device=self.transport.device
+                2 * self._staging_elements, dtype=self.plan.spec.torch_dtype, device=self.transport.device
             )
         return self._staging
 
-    @staticmethod
-    def _pack(transfer: _Transfer, sources: TensorsByRank, buf: torch.Tensor) -> None:
-        offset = 0
-        for m in transfer.moves:
-            n = box_numel(m.src_box)
-            src = sources[m.src_rank][m.src_tensor][box_slices(m.src_box)]
-            buf[offset : offset + n].view(_extents(m.src_box)).copy_(src)
-            offset += n
-
-    @staticmethod
-    def _unpack(transfer: _Transfer, buf: torch.Tensor, targets: TensorsByRank) -> None:
-        offset = 0
-        for m in transfer.moves:
-            n = box_numel(m.dst_box)
-            dst = targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)]
-            dst.copy_(buf[offset : offset + n].view(_extents(m.dst_box)))
-            offset += n
+    def _prepare(self, k: int, sources: TensorsByRank, targets: TensorsByRank, staging: torch.Tensor):
+        """Bucket k's send and receive buffers (packing what is staged) and what to unpack after."""
+        bucket = self._buckets[k]
+        sends: dict[int, list[torch.Tensor]] = {}
+        for peer, messages in bucket.sends:
+            sends[peer] = []
+            for msg in messages:
+                if msg.direct:
+                    m = msg.moves[0]
+                    buf = sources[m.src_rank][m.src_tensor][box_slices(m.src_box)].view(-1)
+                else:
+                    buf = staging[msg.offset : msg.offset + msg.num_elements]
+                    _pack(msg.moves, sources, buf)
+                sends[peer].append(buf.view(torch.uint8))
+        recvs: dict[int, list[torch.Tensor]] = {}
+        unpack = []
+        for peer, messages in bucket.recvs:
+            recvs[peer] = []
+            for msg in messages:
+                if msg.direct:
+                    m = msg.moves[0]
+                    buf = targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)].view(-1)
+                else:
+                    buf = staging[msg.offset : msg.offset + msg.num_elements]
+                    unpack.append((msg.moves, buf))
+                recvs[peer].append(buf.view(torch.uint8))
+        return sends, recvs, unpack
 
     def _check(self, given: TensorsByRank, layout: ParallelLayout, ranks: tuple[int, ...], what: str) -> None:
         spec = self.plan.spec
@@ -256,6 +324,11 @@ class ReshardExecutor:
                         f"{what} rank {rank} tensor {t.name} is on {got.device}; the transport "
                         f"{type(self.transport).__name__} works on {self.transport.device}"
                     )
+                if not got.is_contiguous():
+                    raise ValueError(
+                        f"{what} rank {rank} tensor {t.name} is not contiguous; pass the parameter "
+                        "itself (the executor reads and writes rectangles of its memory in place)"
+                    )
 
     # ---------------------------------------------------------------------------------- verify
 
@@ -264,8 +337,8 @@ class ReshardExecutor:
         mismatches: list[str] = []
         checked = 0
         for m in self._local_copies:
-            src = sources[m.src_rank][m.src_tensor][box_slices(m.src_box)].reshape(_extents(m.canon_box))
-            dst = targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)].reshape(_extents(m.canon_box))
+            src = sources[m.src_rank][m.src_tensor][box_slices(m.src_box)]
+            dst = targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)]
             checked += 1
             if int(checksum(src)) != int(checksum(dst)):
                 mismatches.append(_describe(m, "local copy"))
@@ -273,29 +346,57 @@ class ReshardExecutor:
         send_moves: defaultdict[int, list[Move]] = defaultdict(list)
         recv_moves: defaultdict[int, list[Move]] = defaultdict(list)
         for bucket in self._buckets:
-            for t in bucket.sends:
-                send_moves[t.peer].extend(t.moves)
-            for t in bucket.recvs:
-                recv_moves[t.peer].extend(t.moves)
+            for side, by_peer in ((bucket.sends, send_moves), (bucket.recvs, recv_moves)):
+                for peer, messages in side:
+                    by_peer[peer].extend(m for msg in messages for m in msg.moves)
         sends = {
-            peer: torch.stack(
-                [checksum(sources[m.src_rank][m.src_tensor][box_slices(m.src_box)]) for m in moves]
-            ).view(torch.uint8)
+            peer: [
+                torch.stack(
+                    [checksum(sources[m.src_rank][m.src_tensor][box_slices(m.src_box)]) for m in moves]
+                ).view(torch.uint8)
+            ]
             for peer, moves in send_moves.items()
         }
         expected = {
             peer: torch.empty(len(moves), dtype=torch.int64, device=self.transport.device)
             for peer, moves in recv_moves.items()
         }
-        self.transport.exchange(sends, {peer: buf.view(torch.uint8) for peer, buf in expected.items()})
+        self.transport.exchange(sends, {peer: [buf.view(torch.uint8)] for peer, buf in expected.items()})
         for peer, moves in recv_moves.items():
-            want = expected[peer].tolist()
-            for m, value in zip(moves, want, strict=True):
+            for m, value in zip(moves, expected[peer].tolist(), strict=True):
                 checked += 1
                 got = checksum(targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)])
                 if int(got) != value:
                     mismatches.append(_describe(m, f"from device {peer}"))
         return VerifyReport(checked, tuple(mismatches))
+
+
+def _cut(moves: list[Move], min_direct_bytes: int, contiguous) -> list[tuple[tuple[Move, ...], bool]]:
+    """A pair's moves as messages: the small ones packed together first, then one per large move
+    (from the plan alone, so both ends agree), each with whether this end's side needs no copy."""
+    small = tuple(m for m in moves if m.num_bytes < min_direct_bytes)
+    out = [(small, False)] if small else []
+    out += [((m,), contiguous(m)) for m in moves if m.num_bytes >= min_direct_bytes]
+    return out
+
+
+def _pack(moves: tuple[Move, ...], sources: TensorsByRank, buf: torch.Tensor) -> None:
+    offset = 0
+    for m in moves:
+        n = box_numel(m.src_box)
+        src = sources[m.src_rank][m.src_tensor][box_slices(m.src_box)]
+        buf[offset : offset + n].view(_extents(m.src_box)).copy_(src)
+        offset += n
+
+
+def _unpack(moves: tuple[Move, ...], buf: torch.Tensor, targets: TensorsByRank) -> None:
+    offset = 0
+    for m in moves:
+        n = box_numel(m.dst_box)
+        targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)].copy_(
+            buf[offset : offset + n].view(_extents(m.dst_box))
+        )
+        offset += n
 
 
 def _describe(m: Move, how: str) -> str:

@@ -2,10 +2,12 @@
 
 - `LocalTransport` (local.py): in-process copies (one process, or devices simulated by threads).
 - `TorchP2PTransport` (torch_p2p.py): torch.distributed isend/irecv, gloo on CPU, NCCL on GPU.
+- `CudaIpcTransport` (cuda_ipc.py): colocated processes on one node's GPUs, through CUDA IPC.
 """
 
 from tidal.resharding.transports.base import Pending, Transport
+from tidal.resharding.transports.cuda_ipc import CudaIpcTransport
 from tidal.resharding.transports.local import LocalHub, LocalTransport
 from tidal.resharding.transports.torch_p2p import TorchP2PTransport
 
-__all__ = ["LocalHub", "LocalTransport", "Pending", "TorchP2PTransport", "Transport"]
+__all__ = ["CudaIpcTransport", "LocalHub", "LocalTransport", "Pending", "TorchP2PTransport", "Transport"]

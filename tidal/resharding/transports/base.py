@@ -1,11 +1,12 @@
 """The one interface every resharding transport implements: exchange flat byte buffers with peers.
 
-An executor runs a plan bucket by bucket. In each bucket a device has at most one buffer for each
-peer it sends to and one for each peer it receives from (the plan packs all rectangles between a
-pair of devices into one buffer), and both ends compute the same sizes from the same plan. So a
-transport only has to move contiguous uint8 buffers between numbered devices; it knows nothing
-about tensors, names or layouts. Buffers are uint8 so that a transport never depends on whether
-its backend supports the model's dtype (gloo and bfloat16, say).
+An executor runs a plan bucket by bucket. In each bucket a device sends an ordered list of buffers
+to each of some peers and receives an ordered list from each of some peers; both ends derive the
+same lists (count and sizes) from the same plan. The buffers are packed rectangles, or a tensor's
+own memory where a rectangle is contiguous (no copy). So a transport only has to move contiguous
+uint8 buffers between numbered devices, in order per pair; it knows nothing about tensors, names
+or layouts. Buffers are uint8 so that a transport never depends on whether its backend supports
+the model's dtype (gloo and bfloat16, say).
 
 `start` posts every send and receive of one bucket and returns at once; `Pending.wait` returns
 when all of them are done: the received buffers are filled and the sent ones may be reused.
@@ -14,9 +15,11 @@ when all of them are done: the received buffers are filled and the sent ones may
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
+
+Buffers = Mapping[int, Sequence[torch.Tensor]]  # peer -> its buffers, in order
 
 
 class Pending(ABC):
@@ -45,17 +48,18 @@ class Transport(ABC):
         self.device = device  # where buffers must live (cpu for gloo, this rank's GPU for nccl/ipc)
 
     @abstractmethod
-    def _start(self, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor]) -> Pending:
+    def _start(self, sends: Buffers, recvs: Buffers) -> Pending:
         """Post the checked sends and receives (see `start`)."""
 
-    def start(self, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor]) -> Pending:
-        """Send `sends[peer]` to each peer and receive into `recvs[peer]` from each peer.
+    def start(self, sends: Buffers, recvs: Buffers) -> Pending:
+        """Send the buffers `sends[peer]` to each peer, receive into `recvs[peer]` from each peer.
 
-        Every device of the group that appears as a peer must make the matching call (same bucket,
-        same sizes); devices with nothing to do in a bucket may skip it.
+        The i-th buffer one device sends to a peer lands in the i-th buffer that peer receives from
+        it; both must have the same size. Every device that appears as a peer must make the
+        matching call (same bucket); devices with nothing to do in a bucket may skip it.
         """
         for what, buffers in (("send", sends), ("recv", recvs)):
-            for peer, buf in buffers.items():
+            for peer, buf in ((peer, buf) for peer, bufs in buffers.items() for buf in bufs):
                 if not 0 <= peer < self.world_size or peer == self.rank:
                     raise ValueError(
                         f"{type(self).__name__} on rank {self.rank}: {what} peer {peer} must be another "
@@ -73,7 +77,7 @@ class Transport(ABC):
                     )
         return self._start(sends, recvs)
 
-    def exchange(self, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor]) -> None:
+    def exchange(self, sends: Buffers, recvs: Buffers) -> None:
         """`start` and wait."""
         self.start(sends, recvs).wait()
 

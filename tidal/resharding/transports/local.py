@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict, deque
-from collections.abc import Mapping
 
 import torch
 
-from tidal.resharding.transports.base import Pending, Transport
+from tidal.resharding.transports.base import Buffers, Pending, Transport
 
 _TIMEOUT_S = 300.0
 
@@ -61,14 +60,14 @@ class LocalHub:
 
 
 class _LocalPending(Pending):
-    def __init__(self, transport: LocalTransport, sent: list[_Message], recvs: Mapping[int, torch.Tensor]):
+    def __init__(self, transport: LocalTransport, sent: list[_Message], recvs: Buffers):
         self._transport = transport
         self._sent = sent
-        self._recvs = dict(recvs)
+        self._recvs = [(peer, buf) for peer, bufs in recvs.items() for buf in bufs]
 
     def wait(self) -> None:
         hub, rank = self._transport.hub, self._transport.rank
-        for peer, buf in self._recvs.items():
+        for peer, buf in self._recvs:  # per pair in posting order: the mailboxes are FIFO
             msg = hub._take(peer, rank)
             if msg.buf.numel() != buf.numel():
                 msg.consumed.set()  # let the sender go; the error is raised here
@@ -80,7 +79,9 @@ class _LocalPending(Pending):
             msg.consumed.set()
         for msg in self._sent:
             if not msg.consumed.wait(timeout=hub.timeout_s):
-                raise TimeoutError(f"LocalTransport rank {rank}: a send was not received in {hub.timeout_s} s")
+                raise TimeoutError(
+                    f"LocalTransport rank {rank}: a send was not received in {hub.timeout_s} s"
+                )
 
 
 class LocalTransport(Transport):
@@ -94,6 +95,6 @@ class LocalTransport(Transport):
     def single(cls, device: torch.device | str = "cpu") -> LocalTransport:
         return LocalHub(1).transport(0, device)
 
-    def _start(self, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor]) -> Pending:
-        sent = [self.hub._post(self.rank, peer, buf) for peer, buf in sends.items()]
+    def _start(self, sends: Buffers, recvs: Buffers) -> Pending:
+        sent = [self.hub._post(self.rank, peer, buf) for peer, bufs in sends.items() for buf in bufs]
         return _LocalPending(self, sent, recvs)

@@ -1,6 +1,6 @@
 """torch.distributed point-to-point transport: gloo on CPU, NCCL on GPU.
 
-All sends and receives of a bucket go out in one `batch_isend_irecv` call. On NCCL that call is
+All sends and receives of a bucket (all buffers, for all peers) go out in one `batch_isend_irecv` call. On NCCL that call is
 coalesced into one grouped launch (so a device sending to several peers does not serialise them,
 and the order of sends and receives cannot deadlock); gloo has no coalescing and torch falls back
 to posting each isend/irecv, which gloo runs asynchronously on its own threads, so the effect is
@@ -11,12 +11,10 @@ Peers are ranks of `group` (the default group when None), the devices of the pla
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.distributed as dist
 
-from tidal.resharding.transports.base import Done, Pending, Transport
+from tidal.resharding.transports.base import Buffers, Done, Pending, Transport
 
 
 class _Works(Pending):
@@ -51,15 +49,14 @@ class TorchP2PTransport(Transport):
             # join would hang (torch's documented caveat): make the first call a collective of all.
             dist.barrier(group=group, device_ids=[device.index])
 
-    def _start(self, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor]) -> Pending:
+    def _start(self, sends: Buffers, recvs: Buffers) -> Pending:
+        # The i-th buffer between a pair gets tag i: gloo matches messages by (peer, tag), so the
+        # pairing cannot depend on arrival order; NCCL ignores tags and keeps issue order per pair.
         ops = [
-            dist.P2POp(dist.isend, buf, group=self.group, group_peer=peer)
-            for peer, buf in sorted(sends.items())
-            if buf.numel()
-        ]
-        ops += [
-            dist.P2POp(dist.irecv, buf, group=self.group, group_peer=peer)
-            for peer, buf in sorted(recvs.items())
+            dist.P2POp(op, buf, group=self.group, tag=i, group_peer=peer)
+            for op, buffers in ((dist.isend, sends), (dist.irecv, recvs))
+            for peer, bufs in sorted(buffers.items())
+            for i, buf in enumerate(bufs)
             if buf.numel()
         ]
         if not ops:

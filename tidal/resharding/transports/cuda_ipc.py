@@ -1,0 +1,108 @@
+"""CUDA IPC transport: processes on the GPUs of one node read each other's memory directly.
+
+For colocated processes that do not share a NCCL communicator (a trainer process and a rollout
+engine process on the same GPU, or on GPUs of one node with peer access). Each process allocates
+one staging arena of `capacity_bytes` on its GPU and, once, shares its CUDA IPC handle with every
+other process of `group` (a CPU/gloo group, used only for handles and tiny signals). Per exchange:
+
+1. a sender copies its buffers into its own arena (peers in rank order, each peer's buffers in
+   order), waits for the copies, and tells each receiver where its part starts;
+2. a receiver copies its part straight out of the sender's arena (mapped into its address space)
+   into its receive buffers, waits for the copies, and acknowledges;
+3. a sender returns once every receiver has acknowledged, so its arena may be reused.
+
+Buffers are laid out back to back (their sizes are multiples of the element size), so an arena of
+the plan's `bucket_bytes` holds any bucket. It is extra memory beside the executor's staging
+buffer (at most one bucket each).
+Written without a GPU at hand: its tests are marked `gpu` and have not run in CPU-only CI.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.multiprocessing.reductions import reduce_tensor
+
+from tidal.resharding.transports.base import Buffers, Pending, Transport
+
+_OFFSET_TAG, _ACK_TAG = 0, 1
+
+
+class _Acks(Pending):
+    def __init__(self, works: list[dist.Work]):
+        self._works = works
+
+    def wait(self) -> None:
+        for work in self._works:
+            work.wait()
+
+
+class CudaIpcTransport(Transport):
+    """Exchange through CUDA IPC-mapped arenas; `group` must be a gloo group of the same ranks."""
+
+    def __init__(self, capacity_bytes: int, group: dist.ProcessGroup | None = None):
+        if not torch.cuda.is_available():
+            raise ValueError("CudaIpcTransport needs a CUDA device; on CPU use TorchP2PTransport (gloo)")
+        if not dist.is_initialized() or dist.get_backend(group) != "gloo":
+            raise ValueError(
+                "CudaIpcTransport signals over a gloo group: pass group=dist.new_group(backend='gloo') "
+                "(or initialise the default group with gloo)"
+            )
+        if capacity_bytes < 1:
+            raise ValueError(
+                f"CudaIpcTransport capacity_bytes={capacity_bytes} must be >= 1 (use the plan's bucket_bytes)"
+            )
+        device = torch.device("cuda", torch.cuda.current_device())
+        super().__init__(dist.get_rank(group), dist.get_world_size(group), device)
+        self.group = group
+        self.capacity_bytes = capacity_bytes
+        self._arena = torch.empty(capacity_bytes, dtype=torch.uint8, device=device)
+        handles: list = [None] * self.world_size
+        dist.all_gather_object(handles, reduce_tensor(self._arena), group=group)
+        self._peers = {
+            r: rebuild(*args) for r, (rebuild, args) in enumerate(handles) if r != self.rank
+        }  # peer rank -> its arena, mapped into this process
+
+    def _start(self, sends: Buffers, recvs: Buffers) -> Pending:
+        stream = torch.cuda.current_stream(self.device)
+        # 1. Stage every outgoing buffer in this process's arena.
+        offsets: dict[int, torch.Tensor] = {}
+        cursor = 0
+        for peer, bufs in sorted(sends.items()):
+            offsets[peer] = torch.tensor([cursor], dtype=torch.int64)
+            for buf in bufs:
+                if cursor + buf.numel() > self.capacity_bytes:
+                    raise ValueError(
+                        f"CudaIpcTransport rank {self.rank}: a bucket sends more than capacity_bytes="
+                        f"{self.capacity_bytes}; build the transport with the plan's bucket_bytes"
+                    )
+                self._arena[cursor : cursor + buf.numel()].copy_(buf)
+                cursor += buf.numel()
+        stream.synchronize()  # the arena holds the data before any receiver is told where it is
+        posted = [
+            dist.isend(off, group_dst=peer, group=self.group, tag=_OFFSET_TAG)
+            for peer, off in offsets.items()
+        ]
+        acks = {peer: torch.empty(1, dtype=torch.int64) for peer in offsets}
+        ack_works = [
+            dist.irecv(a, group_src=peer, group=self.group, tag=_ACK_TAG) for peer, a in acks.items()
+        ]
+        # 2. Pull each sender's part out of its arena.
+        for peer, bufs in sorted(recvs.items()):
+            base = torch.empty(1, dtype=torch.int64)
+            dist.recv(base, group_src=peer, group=self.group, tag=_OFFSET_TAG)
+            cursor = int(base)
+            for buf in bufs:
+                buf.copy_(self._peers[peer][cursor : cursor + buf.numel()])
+                cursor += buf.numel()
+        stream.synchronize()  # copied out before the senders may overwrite their arenas
+        posted += [
+            dist.isend(torch.ones(1, dtype=torch.int64), group_dst=peer, group=self.group, tag=_ACK_TAG)
+            for peer in recvs
+        ]
+        return _Acks(posted + ack_works)
+
+    def close(self) -> None:
+        self._peers = {}
+        self._arena = torch.empty(0, dtype=torch.uint8, device=self.device)
+        torch.cuda.ipc_collect()
