@@ -1,6 +1,10 @@
 """FSDP2 actor (and critic) on 2 gloo ranks: equal a single-process update; resume bit for bit.
 
-One spawn of 2 processes runs both checks: starting a process (importing torch and transformers)
+Also: the packed and padded layouts give the same outputs and update through the engine (with
+length-sorted micro-batches), and the on-policy update (no old_log_probs column) gives the same
+weights as one with precomputed old log-probs.
+
+One spawn of 2 processes runs all checks: starting a process (importing torch and transformers)
 costs more than the checks themselves. The ranks rendezvous through a file store (no port to
 collide on). An assertion in a rank surfaces through `torch.multiprocessing.spawn`, which then
 stops the other rank; a short process-group timeout bounds any hang.
@@ -19,7 +23,7 @@ import torch.multiprocessing as mp
 import transformers
 
 from tidal.algorithms import KL_ESTIMATORS, POLICY_LOSSES, aggregate_loss, value_loss
-from tidal.config.schema import JobConfig
+from tidal.config.schema import JobConfig, ModelConfig, OptimConfig
 from tidal.dataflow.batch import Batch
 from tidal.workers.context import WorkerContext
 
@@ -310,6 +314,91 @@ def _check_critic(rank: int, ctx: WorkerContext, model_dir: str) -> None:
             torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=2e-5, msg=name)
 
 
+# ------------------------------------------------------------------ check 4: layouts in the engine
+
+
+def _check_layouts(rank: int, ctx: WorkerContext, model_dir: str) -> None:
+    """Packed vs padded engines: same log-probs, entropies and update; padded sorts its micro-batches."""
+    from tidal.workers.engines.fsdp import FSDPEngine, PolicyModel, block_types, load_pretrained
+
+    data = _data(9, seed=6)
+    for key in ("response_ids", "response_mask", "advantages"):  # sample 1 has an empty response
+        data[key][1] = 0
+    local = data.split(WORLD)[rank]  # 5 and 4 samples: 3 and 2 micro-batches of 2
+    columns = {key: local[key] for key in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")}
+    columns["advantages"] = local["advantages"]
+
+    def loss_fn(outputs, micro, counts):
+        log_probs, entropy = outputs
+        loss = -((log_probs * micro["advantages"]).sum() + 0.1 * (entropy * micro["response_mask"]).sum())
+        loss = loss / counts.num_tokens
+        return loss, {"loss": float(loss.detach())}, {}
+
+    results = {}
+    for layout in ("packed", "padded"):
+        lm = load_pretrained(ModelConfig(path=model_dir), torch.float32)
+        optim = OptimConfig(lr=LR, eps=1e-5)
+        engine = FSDPEngine(
+            PolicyModel(lm), ctx, blocks=block_types(lm), layout=layout, optim=optim, total_steps=1
+        )
+        log_probs, entropy = engine.infer(columns, 2, temperature=TEMPERATURE, with_entropy=True)
+        metrics = engine.train(
+            columns,
+            num_mini_batches=1,
+            micro_batch_size=2,
+            epochs=1,
+            loss_fn=loss_fn,
+            temperature=TEMPERATURE,
+            with_entropy=True,
+        )
+        results[layout] = log_probs, entropy, metrics, dict(engine.full_state_dict())
+    (lp_a, ent_a, metrics_a, weights_a), (lp_b, ent_b, metrics_b, weights_b) = results.values()
+    mask = local["response_mask"].bool()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        expected_lp, expected_entropy = _padded_log_probs(model, local)
+    for log_probs, entropy in ((lp_a, ent_a), (lp_b, ent_b)):  # in the original sample order
+        torch.testing.assert_close(log_probs[mask], expected_lp[mask], rtol=0, atol=1e-5)
+        torch.testing.assert_close(entropy[mask], expected_entropy[mask], rtol=0, atol=1e-5)
+        assert (log_probs[~mask] == 0).all()
+    assert metrics_a["loss"] == pytest.approx(metrics_b["loss"], rel=1e-5)
+    moved = 0.0
+    for name, tensor in weights_a.items():
+        torch.testing.assert_close(weights_b[name], tensor, rtol=1e-4, atol=2e-5, msg=name)
+        moved = max(moved, float((tensor - model.state_dict()[name.removeprefix("lm.")]).abs().max()))
+    assert moved > 1e-3
+
+
+# ------------------------------------------------------------------ check 5: on-policy update
+
+
+def _check_on_policy(rank: int, ctx: WorkerContext, model_dir: str) -> None:
+    from tidal.workers.roles.actor import ActorRole
+
+    cfg = _config(model_dir, total_steps=1)
+    cfg.actor.mini_batch_prompts, cfg.actor.epochs = None, 1  # one optimizer step per sample
+    cfg.actor.use_kl_loss = False
+    cfg.actor.micro_batch_size_per_rank = 2
+    local = _data(7, seed=7).split(WORLD)[rank]
+    precomputed, on_policy = ActorRole(cfg, ctx), ActorRole(cfg, ctx)
+    metrics = precomputed.update(local.union(precomputed.compute_log_probs(local)))
+    assert "old_log_probs" not in local
+    on_policy_metrics = on_policy.update(local)
+    assert on_policy_metrics["actor/ppo_kl"] == 0.0
+    for key, value in metrics.items():
+        assert on_policy_metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    initial = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    moved = 0.0
+    for (name, expected), (_, got) in zip(precomputed.export_weights(), on_policy.export_weights()):
+        assert torch.equal(got, expected), name
+        moved = max(moved, float((got - initial[name]).abs().max()))
+    assert moved > 1e-3
+
+    on_policy.cfg.actor.epochs = 2  # a second pass would need the pre-update log-probs
+    with pytest.raises(ValueError, match="old_log_probs"):
+        on_policy.update(local)
+
+
 # ------------------------------------------------------------------ the test
 
 
@@ -318,6 +407,8 @@ def _rank_main(rank: int, init_method: str, model_dir: str, ckpt_dir: str) -> No
     _check_equivalence(rank, ctx, model_dir)
     _check_critic(rank, ctx, model_dir)
     _check_resume(rank, ctx, model_dir, ckpt_dir)
+    _check_layouts(rank, ctx, model_dir)
+    _check_on_policy(rank, ctx, model_dir)
     dist.destroy_process_group()
 
 

@@ -1,4 +1,8 @@
-"""Packing removes padding without changing a single log-prob or value (tiny Qwen2, sdpa, fp32)."""
+"""The packed layout: one row without padding, samples kept apart by restarting position ids.
+
+Outputs and gradients of both layouts against a plain padded forward, placeholders and input
+checks are in test_sequence_layouts.py.
+"""
 
 import pytest
 import torch
@@ -6,7 +10,7 @@ import transformers
 from transformers.masking_utils import create_causal_mask
 
 from tidal.config.schema import ModelConfig
-from tidal.workers.engines.fsdp import PackedBatch, PolicyModel, ValueModel, load_pretrained
+from tidal.workers.engines.fsdp import PackedBatch, PolicyModel, load_pretrained
 
 PROMPT_LENS = [6, 3, 1, 4, 2]
 RESPONSE_LENS = [5, 2, 0, 3, 1]  # sample 2 has an empty response
@@ -37,16 +41,6 @@ def _padded_batch(seed: int = 0):
     prompt_ids = torch.randint(1, VOCAB, (n, P), generator=gen) * prompt_mask
     response_ids = torch.randint(1, VOCAB, (n, R), generator=gen) * response_mask
     return prompt_ids, prompt_mask, response_ids, response_mask
-
-
-def _padded_log_probs(lm, prompt_ids, prompt_mask, response_ids, response_mask, temperature):
-    """The unpacked reference: a padded batch forward with an attention mask, full logits."""
-    ids = torch.cat([prompt_ids, response_ids], 1)
-    mask = torch.cat([prompt_mask, response_mask], 1)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    logits = lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float() / temperature
-    log_probs = torch.log_softmax(logits[:, P - 1 : -1], -1).gather(-1, response_ids[..., None]).squeeze(-1)
-    return log_probs * response_mask
 
 
 def test_layout():
@@ -85,26 +79,6 @@ def test_transformers_builds_a_block_diagonal_causal_mask(model_dir):
     assert torch.equal(mask[0, 0].bool(), expected)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_packed_log_probs_and_grads_match_padded_forward(model_dir, temperature):
-    lm = load_pretrained(ModelConfig(path=model_dir), torch.float32)
-    batch = _padded_batch()
-    packed = PackedBatch.from_padded(*batch)
-    log_probs_k, entropy_k = PolicyModel(lm)(packed, temperature, with_entropy=True)
-    packed_lp = packed.unpack(log_probs_k)
-    reference = _padded_log_probs(lm, *batch, temperature)
-    torch.testing.assert_close(packed_lp, reference, rtol=0, atol=1e-5)
-    assert entropy_k.shape == log_probs_k.shape and (entropy_k > 0).all()
-
-    coef = torch.randn(packed_lp.shape, generator=torch.Generator().manual_seed(3))
-    (packed_lp * coef).sum().backward()
-    packed_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
-    lm.zero_grad()
-    (_padded_log_probs(lm, *batch, temperature) * coef).sum().backward()
-    for name, param in lm.named_parameters():
-        torch.testing.assert_close(packed_grads[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
-
-
 def test_samples_do_not_see_each_other(model_dir):
     """Changing one sample's tokens leaves every other sample's log-probs bit-identical."""
     lm = load_pretrained(ModelConfig(path=model_dir), torch.float32)
@@ -118,36 +92,3 @@ def test_samples_do_not_see_each_other(model_dir):
         lp_after = after.unpack(PolicyModel(lm)(after, 1.0, False)[0])
     assert not torch.equal(lp_before[0], lp_after[0])
     assert torch.equal(lp_before[1:], lp_after[1:])
-
-
-def test_values_match_per_sample_forward(model_dir):
-    backbone = load_pretrained(ModelConfig(path=model_dir), torch.float32, causal_lm=False)
-    critic = ValueModel(backbone, seed=7)
-    assert torch.equal(critic.value_head.weight, ValueModel(backbone, seed=7).value_head.weight)
-    prompt_ids, prompt_mask, response_ids, response_mask = _padded_batch()
-    packed = PackedBatch.from_padded(prompt_ids, prompt_mask, response_ids, response_mask)
-    with torch.no_grad():
-        values = packed.unpack(critic(packed)[0])
-        for i, (p, r) in enumerate(zip(PROMPT_LENS, RESPONSE_LENS)):
-            ids = torch.cat([prompt_ids[i, P - p :], response_ids[i, :r]])[None]
-            hidden = backbone(input_ids=ids).last_hidden_state[0]  # one sample, no padding at all
-            expected = critic.value_head(hidden[p - 1 : p - 1 + r]).squeeze(-1)
-            torch.testing.assert_close(values[i, :r], expected, rtol=0, atol=1e-5)
-            assert (values[i, r:] == 0).all()
-
-
-def test_nothing_to_predict_gives_a_placeholder():
-    prompt_ids, prompt_mask, response_ids, _ = _padded_batch()
-    packed = PackedBatch.from_padded(prompt_ids, prompt_mask, response_ids, torch.zeros_like(response_ids))
-    assert packed.is_placeholder and packed.num_tokens == 1
-    assert torch.equal(packed.unpack(torch.ones(1)), torch.zeros(len(PROMPT_LENS), R))
-    empty = PackedBatch.placeholder(R)
-    assert empty.unpack(torch.ones(1)).shape == (0, R)
-
-
-def test_response_without_prompt_is_rejected():
-    prompt_ids, prompt_mask, response_ids, response_mask = _padded_batch()
-    prompt_mask = prompt_mask.clone()
-    prompt_mask[0] = 0
-    with pytest.raises(ValueError, match="prompt token"):
-        PackedBatch.from_padded(prompt_ids, prompt_mask, response_ids, response_mask)

@@ -79,6 +79,18 @@ class ArithmeticTask(StrictModel):
     num_train: int = Field(20000, ge=1)
     num_val: int = Field(256, ge=1)
     seed: int = 1234
+    prompt_template: str = Field(
+        "{expression}=", description="prompt text; {expression} becomes e.g. '37+45' (chat models: a question)"
+    )
+
+    @model_validator(mode="after")
+    def _template_has_expression(self) -> ArithmeticTask:
+        if "{expression}" not in self.prompt_template:
+            raise ValueError(
+                f"data.task.prompt_template={self.prompt_template!r} lacks '{{expression}}'; "
+                "write e.g. 'What is {expression}? Answer with the number only.'"
+            )
+        return self
 
 
 class DataConfig(StrictModel):

@@ -45,6 +45,7 @@ class Job:
         self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint.keep_last)
         self.groups: dict[str, WorkerGroup] = {}
         self._role_pool: dict[str, str] = {}
+        self._cluster = None  # the local Ray cluster this job started, if it started one
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -74,7 +75,7 @@ class Job:
             by_pool.setdefault(pool, {})[name] = role_cls
             job._role_pool[name] = pool
         pools = {name: cfg.resources.pools[name] for name in by_pool}
-        ensure_ray(
+        job._cluster = ensure_ray(
             num_cpus=sum(p.num_workers * p.cpus_per_worker for p in pools.values()) + cfg.reward.num_parallel,
             temp_dir=job.output_dir / "ray",
         )
@@ -87,6 +88,8 @@ class Job:
     def shutdown(self) -> Path | None:
         for group in self.groups.values():
             group.shutdown()
+        if self._cluster is not None:
+            self._cluster.shutdown()
         return self.logger.close()
 
     # ------------------------------------------------------------------ role handles
@@ -113,7 +116,11 @@ class Job:
 
     @property
     def needs_old_log_probs(self) -> bool:
-        return True
+        """On-policy updates (one optimizer step per sample, no KL in the reward) skip the extra
+        forward: the actor then uses its current log-probs, detached, as the old ones (ratio 1)."""
+        cfg = self.cfg
+        on_policy = cfg.sizes.num_mini_batches == 1 and cfg.actor.epochs == 1
+        return not on_policy or cfg.algorithm.use_kl_in_reward
 
     # ------------------------------------------------------------------ driver-side services
     run_task = staticmethod(run_task)

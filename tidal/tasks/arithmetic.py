@@ -34,7 +34,7 @@ def problem_at(task: ArithmeticTask, index: int) -> Problem:
     base = 10**task.max_digits
     a, b = divmod(index // len(ops), base)
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
-    return Problem(prompt=f"{a}{op}{b}=", answer=str(value))
+    return Problem(prompt=task.prompt_template.format(expression=f"{a}{op}{b}"), answer=str(value))
 
 
 def make_splits(task: ArithmeticTask) -> tuple[list[Problem], list[Problem]]:

@@ -33,6 +33,11 @@ def compute_advantages(batch: Batch, cfg: AlgorithmConfig, kl_coef: float) -> tu
     estimator = ADVANTAGE_ESTIMATORS.get(cfg.advantage_estimator)
     values = batch["values"] if "values" in batch else None
     adv, returns = estimator(rewards, mask, group_ids=list(batch["uid"]), values=values, config=cfg)
+    if "old_log_probs" in batch and "rollout_log_probs" in batch and mask.sum() > 0:
+        # Rollout and trainer should agree on the same weights; a gap means a numerics or layout bug.
+        gap = (batch["old_log_probs"] - batch["rollout_log_probs"]).abs() * mask
+        metrics["rollout/logprob_gap_max"] = float(gap.max())
+        metrics["rollout/logprob_gap_mean"] = float(gap.sum() / mask.sum())
     lengths = mask.sum(-1)
     metrics |= {
         "adv/mean": float(masked_mean(adv, mask)),

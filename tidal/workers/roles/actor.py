@@ -4,11 +4,20 @@
 normalised by the mini-batch's GLOBAL token / sequence counts (all-reduced), so summing the
 micro-batch losses of all ranks gives the mini-batch loss, and the engine undoes FSDP's gradient
 average. Uneven and empty shares are fine: the engine pads ranks with zero-weight micro-batches.
+
+On-policy fast path: when every sample gets exactly one optimizer step (one mini-batch, one
+epoch), the policy that computes the loss IS the old policy, so `old_log_probs` would be the
+update's own log-probs. A batch without that column is then trained with the current log-probs,
+detached, as the old ones: the PPO ratio is exactly 1 and its gradient that of the log-probs, as
+with a separately computed column, minus one forward pass over the data (TRL does the same with
+num_iterations=1). With more steps per sample the old policy differs from the current one after
+the first step, so the column is required.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 
@@ -17,7 +26,14 @@ from tidal.config.schema import JobConfig
 from tidal.dataflow.batch import Batch
 from tidal.workers.context import WorkerContext
 from tidal.workers.endpoint import Collect, Dispatch, endpoint
-from tidal.workers.engines.fsdp import DTYPES, FSDPEngine, PolicyModel, block_types, load_pretrained
+from tidal.workers.engines.fsdp import (
+    DTYPES,
+    FSDPEngine,
+    PolicyModel,
+    block_types,
+    choose_layout,
+    load_pretrained,
+)
 
 SEQUENCE_COLUMNS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 
@@ -45,7 +61,8 @@ class ActorRole:
         self.cfg = cfg
         self.ctx = ctx
         actor = cfg.actor
-        lm = load_pretrained(cfg.model, torch.float32)
+        layout, attention = choose_layout(ctx.device, DTYPES[cfg.model.dtype])
+        lm = load_pretrained(cfg.model, torch.float32, attn_implementation=attention)
         if actor.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         total_steps = cfg.trainer.total_steps * cfg.sizes.num_mini_batches * actor.epochs
@@ -53,6 +70,7 @@ class ActorRole:
             PolicyModel(lm),
             ctx,
             blocks=block_types(lm),
+            layout=layout,
             optim=actor.optim,
             total_steps=total_steps,
             param_dtype=compute_param_dtype(cfg),
@@ -75,9 +93,15 @@ class ActorRole:
 
     @endpoint(Dispatch.DP_SPLIT, collect=Collect.FIRST)
     def update(self, batch: Batch) -> dict[str, float]:
-        """Policy update on this step's data; metrics (prefixed `actor/`) are the same on every rank."""
+        """Policy update on this step's data; metrics (prefixed `actor/`) are the same on every rank.
+
+        Without an `old_log_probs` column the update is on-policy (module docstring).
+        """
         actor = self.cfg.actor
-        keys = SEQUENCE_COLUMNS + ("old_log_probs", "advantages")
+        on_policy = "old_log_probs" not in batch
+        if on_policy:
+            self._check_on_policy()
+        keys = SEQUENCE_COLUMNS + ("advantages",) + (() if on_policy else ("old_log_probs",))
         if actor.use_kl_loss:
             keys += ("ref_log_probs",)
         metrics = self.engine.train(
@@ -85,20 +109,38 @@ class ActorRole:
             num_mini_batches=self.cfg.sizes.num_mini_batches,
             micro_batch_size=actor.micro_batch_size_per_rank,
             epochs=actor.epochs,
-            loss_fn=self._loss,
+            loss_fn=partial(self._loss, on_policy=on_policy),
             temperature=self.temperature,
             with_entropy=True,
         )
         return {f"actor/{key}": value for key, value in metrics.items()}
 
+    def _check_on_policy(self) -> None:
+        sizes, actor = self.cfg.sizes, self.cfg.actor
+        if sizes.num_mini_batches != 1 or actor.epochs != 1:
+            raise ValueError(
+                "actor.update got a batch without old_log_probs. The current log-probs may stand in "
+                "for them only when every sample gets exactly one optimizer step, but this config "
+                f"gives {sizes.num_mini_batches} mini-batches (trainer.prompts_per_step="
+                f"{sizes.prompts_per_step}, actor.mini_batch_prompts={actor.mini_batch_prompts}) and "
+                f"actor.epochs={actor.epochs}. Compute old_log_probs first (actor.compute_log_probs), "
+                "or use one mini-batch and one epoch."
+            )
+
     def _loss(
-        self, outputs: list[torch.Tensor | None], micro: dict[str, torch.Tensor], counts: GlobalCounts
+        self,
+        outputs: list[torch.Tensor | None],
+        micro: dict[str, torch.Tensor],
+        counts: GlobalCounts,
+        *,
+        on_policy: bool,
     ) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
         actor = self.cfg.actor
         log_probs, entropy = outputs
         mask = micro["response_mask"]
+        old_log_probs = log_probs.detach() if on_policy else micro["old_log_probs"]
         pg_loss, pg_metrics = self.policy_loss(
-            log_probs, micro["old_log_probs"], micro["advantages"], mask, config=actor, denominator=counts
+            log_probs, old_log_probs, micro["advantages"], mask, config=actor, denominator=counts
         )
         loss = pg_loss
         sums = {"pg_loss": float(pg_loss.detach())}

@@ -16,7 +16,14 @@ from tidal.config.schema import JobConfig
 from tidal.dataflow.batch import Batch
 from tidal.workers.context import WorkerContext
 from tidal.workers.endpoint import Collect, Dispatch, endpoint
-from tidal.workers.engines.fsdp import FSDPEngine, ValueModel, block_types, load_pretrained
+from tidal.workers.engines.fsdp import (
+    DTYPES,
+    FSDPEngine,
+    ValueModel,
+    block_types,
+    choose_layout,
+    load_pretrained,
+)
 from tidal.workers.roles.actor import SEQUENCE_COLUMNS, columns_of, compute_param_dtype
 
 
@@ -32,7 +39,8 @@ class CriticRole:
         self.cfg = cfg
         self.ctx = ctx
         critic = cfg.critic
-        backbone = load_pretrained(cfg.model, torch.float32, causal_lm=False)
+        layout, attention = choose_layout(ctx.device, DTYPES[cfg.model.dtype])
+        backbone = load_pretrained(cfg.model, torch.float32, causal_lm=False, attn_implementation=attention)
         if critic.gradient_checkpointing:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.num_mini_batches = critic_num_mini_batches(cfg)
@@ -40,6 +48,7 @@ class CriticRole:
             ValueModel(backbone, seed=cfg.trainer.seed),
             ctx,
             blocks=block_types(backbone),
+            layout=layout,
             optim=critic.optim,
             total_steps=cfg.trainer.total_steps * self.num_mini_batches * critic.epochs,
             param_dtype=compute_param_dtype(cfg),

@@ -6,7 +6,14 @@ from tidal.config.schema import JobConfig
 from tidal.dataflow.batch import Batch
 from tidal.workers.context import WorkerContext
 from tidal.workers.endpoint import Dispatch, endpoint
-from tidal.workers.engines.fsdp import DTYPES, FSDPEngine, PolicyModel, block_types, load_pretrained
+from tidal.workers.engines.fsdp import (
+    DTYPES,
+    FSDPEngine,
+    PolicyModel,
+    block_types,
+    choose_layout,
+    load_pretrained,
+)
 from tidal.workers.roles.actor import SEQUENCE_COLUMNS, columns_of, log_prob_temperature
 
 
@@ -15,9 +22,11 @@ class ReferenceRole:
         self.cfg = cfg
         self.ctx = ctx
         # No optimizer, so no master copy: weights are stored in the compute dtype directly.
-        lm = load_pretrained(cfg.model, DTYPES[cfg.model.dtype])
+        dtype = DTYPES[cfg.model.dtype]
+        layout, attention = choose_layout(ctx.device, dtype)
+        lm = load_pretrained(cfg.model, dtype, attn_implementation=attention)
         lm.requires_grad_(False)
-        self.engine = FSDPEngine(PolicyModel(lm), ctx, blocks=block_types(lm))
+        self.engine = FSDPEngine(PolicyModel(lm), ctx, blocks=block_types(lm), layout=layout)
         self.temperature = log_prob_temperature(cfg)
 
     @endpoint(Dispatch.DP_SPLIT)

@@ -1,15 +1,30 @@
-"""FSDP2 train/inference engine: sharded model, packed micro-batches, optimizer, checkpoints."""
+"""FSDP2 train/inference engine: sharded model, packed or padded micro-batches, optimizer, checkpoints."""
 
-from tidal.workers.engines.fsdp.engine import DTYPES, FSDPEngine, PolicyModel, block_types, load_pretrained
-from tidal.workers.engines.fsdp.packing import PackedBatch
+from tidal.workers.engines.fsdp.engine import (
+    DTYPES,
+    LAYOUTS,
+    FSDPEngine,
+    Layout,
+    PolicyModel,
+    block_types,
+    choose_layout,
+    load_pretrained,
+)
+from tidal.workers.engines.fsdp.packing import PackedBatch, SequenceBatch
+from tidal.workers.engines.fsdp.padding import PaddedBatch
 from tidal.workers.engines.fsdp.value_model import ValueModel
 
 __all__ = [
     "DTYPES",
+    "LAYOUTS",
     "FSDPEngine",
+    "Layout",
     "PackedBatch",
+    "PaddedBatch",
     "PolicyModel",
+    "SequenceBatch",
     "ValueModel",
     "block_types",
+    "choose_layout",
     "load_pretrained",
 ]

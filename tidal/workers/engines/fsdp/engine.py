@@ -8,6 +8,14 @@ Every forward and backward issues collectives, so ranks must run the SAME number
 even when their shares differ (uneven or empty splits): `plan_micro_batches` agrees on the
 maximum and pads with `None` entries, for which callers run a zero-weight placeholder.
 
+Layout of a micro-batch (`layout`, an explicit constructor argument; `choose_layout` is the rule
+the roles use): "packed" (packing.py, every sample in one row) when flash-attention-2 can run
+it, i.e. on CUDA with `flash_attn` importable and a 16-bit compute dtype: its varlen kernels
+attend within each sample at no padding cost. "padded" (padding.py, one row per sample, right-
+padded to the micro-batch's longest) everywhere else: sdpa and eager attention see a packed row
+as one long sequence with a dense block-diagonal mask, i.e. (sum of lengths)^2 attention work
+instead of the sum of the lengths^2. Both give the same outputs (tests/unit/test_sequence_layouts.py).
+
 Gradients: FSDP averages gradients over ranks, while the losses here are normalised by the global
 mini-batch count so that they SUM to the mini-batch loss over ranks and micro-batches
 (tidal.algorithms.aggregation). `backward` multiplies by the dp size to undo the average.
@@ -19,7 +27,7 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import astuple
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,7 +49,8 @@ from tidal.config.schema import ModelConfig, OptimConfig
 from tidal.kernels.logprobs import token_log_probs
 from tidal.workers.context import WorkerContext
 from tidal.workers.engines.fsdp.optim import build_optimizer, build_scheduler
-from tidal.workers.engines.fsdp.packing import PackedBatch
+from tidal.workers.engines.fsdp.packing import PackedBatch, SequenceBatch, sample_lengths
+from tidal.workers.engines.fsdp.padding import PaddedBatch, micro_batch_indices
 
 # (outputs [n, R] each, micro-batch columns, global counts) -> (loss, loss terms to sum, token means)
 LossFn = Callable[
@@ -50,9 +59,28 @@ LossFn = Callable[
 ]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PACK_COLUMNS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+Layout = Literal["packed", "padded"]
+LAYOUTS: dict[str, type[PackedBatch] | type[PaddedBatch]] = {"packed": PackedBatch, "padded": PaddedBatch}
 
 
-def load_pretrained(model: ModelConfig, dtype: torch.dtype, *, causal_lm: bool = True) -> nn.Module:
+def choose_layout(device: torch.device, compute_dtype: torch.dtype) -> tuple[Layout, str]:
+    """(layout, attn_implementation) for a model computing in `compute_dtype` on `device`.
+
+    Packed only where flash-attention-2's varlen kernels run it: CUDA, the `flash_attn` package
+    importable, and fp16/bf16 compute (the kernels have no float32 version). Padded with sdpa
+    otherwise. Config-free for now: it depends on nothing the user sets but the dtype.
+    """
+    if device.type == "cuda" and compute_dtype in (torch.float16, torch.bfloat16):
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available():
+            return "packed", "flash_attention_2"
+    return "padded", "sdpa"
+
+
+def load_pretrained(
+    model: ModelConfig, dtype: torch.dtype, *, causal_lm: bool = True, attn_implementation: str = "sdpa"
+) -> nn.Module:
     """A Hugging Face model from the local folder `model.path`, with dropout switched off.
 
     RL compares log-probs of the same tokens under rollout and training; dropout would make them
@@ -71,7 +99,7 @@ def load_pretrained(model: ModelConfig, dtype: torch.dtype, *, causal_lm: bool =
         model.path,
         config=config,
         dtype=dtype,
-        attn_implementation="sdpa",
+        attn_implementation=attn_implementation,
         trust_remote_code=model.trust_remote_code,
     )
     for module in lm.modules():
@@ -104,7 +132,7 @@ def _check_plain_lm_head(config: Any) -> None:
 
 
 class PolicyModel(nn.Module):
-    """A causal LM whose forward maps a PackedBatch to the log-probs of its response tokens.
+    """A causal LM whose forward maps a SequenceBatch to the log-probs of its response tokens.
 
     Only the base model runs on all tokens; the lm_head is applied by the chunked kernel to the
     predicting positions alone, so [tokens x vocab] logits never exist. Computing it inside
@@ -117,21 +145,19 @@ class PolicyModel(nn.Module):
         self.lm = lm
 
     def forward(
-        self, packed: PackedBatch, temperature: float, with_entropy: bool
+        self, batch: SequenceBatch, temperature: float, with_entropy: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # attention_mask=None + restarting position ids = block-diagonal causal attention (packing.py).
-        out = self.lm.base_model(
-            input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False
-        )
-        hidden = out.last_hidden_state[0, packed.predict_index]
+        out = self.lm.base_model(**batch.model_inputs())
+        hidden = batch.at_predictions(out.last_hidden_state)
         weight = self.lm.get_output_embeddings().weight
-        return token_log_probs(hidden, weight, packed.targets, temperature, with_entropy)
+        return token_log_probs(hidden, weight, batch.targets, temperature, with_entropy)
 
 
 class FSDPEngine:
     """Shards `module` over all ranks; owns its optimizer and schedule when `optim` is given.
 
-    `module(packed, **kwargs)` must return a tuple of per-predicted-token tensors ([K] each, or None).
+    `module(batch, **kwargs)` gets a SequenceBatch of `layout` and must return a tuple of
+    per-predicted-token tensors ([K] each, or None).
     """
 
     def __init__(
@@ -140,6 +166,7 @@ class FSDPEngine:
         ctx: WorkerContext,
         *,
         blocks: set[str],
+        layout: Layout,
         optim: OptimConfig | None = None,
         total_steps: int = 0,
         param_dtype: torch.dtype | None = None,
@@ -148,8 +175,11 @@ class FSDPEngine:
             raise ValueError(
                 f"FSDP engine shards over every rank; got dp_size={ctx.dp_size} != {ctx.world_size}"
             )
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} is not one of {sorted(LAYOUTS)}")
         self.ctx = ctx
         self.device = ctx.device
+        self.layout = layout
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         # Master weights stay in their load dtype; `param_dtype` is the compute dtype (mixed precision).
         mp = MixedPrecisionPolicy(
@@ -171,36 +201,42 @@ class FSDPEngine:
         dist.all_reduce(t, op=op)
         return t.tolist()
 
-    def plan_micro_batches(self, num_samples: int, size: int) -> list[tuple[int, int] | None]:
-        """This rank's micro-batch bounds, padded with None so that every rank has as many."""
-        local = [(s, min(s + size, num_samples)) for s in range(0, num_samples, size)]
+    def plan_micro_batches(self, columns: dict[str, torch.Tensor], size: int) -> list[torch.Tensor | None]:
+        """Sample indices of this rank's micro-batches, padded with None so that every rank has as many.
+
+        The padded layout sorts samples by length first when there are several micro-batches.
+        """
+        lengths = sample_lengths(columns["prompt_mask"], columns["response_mask"])
+        local = micro_batch_indices(lengths, size, sort_by_length=self.layout == "padded")
         (most,) = self.all_reduce([len(local)], op=dist.ReduceOp.MAX)
         # at least one, so that outputs (and their count) exist even when every share is empty
         return local + [None] * (max(int(most), 1) - len(local))
 
-    def pack(self, columns: dict[str, torch.Tensor], bounds: tuple[int, int] | None) -> PackedBatch:
-        """The packed micro-batch `bounds` of `columns` (a placeholder for None), on this device."""
-        if bounds is None:
-            return PackedBatch.placeholder(columns["response_ids"].shape[1], self.device)
-        start, stop = bounds
-        parts = [columns[k][start:stop].to(self.device) for k in PACK_COLUMNS]
-        return PackedBatch.from_padded(*parts)
+    def build(self, columns: dict[str, torch.Tensor], index: torch.Tensor | None) -> SequenceBatch:
+        """The micro-batch of samples `index` of `columns` in this engine's layout, on this device."""
+        layout = LAYOUTS[self.layout]
+        if index is None:
+            return layout.placeholder(columns["response_ids"].shape[1], self.device)
+        return layout.from_padded(*(columns[k][index].to(self.device) for k in PACK_COLUMNS))
 
     # ------------------------------------------------------------------ compute
     @torch.no_grad()
     def infer(
         self, columns: dict[str, torch.Tensor], micro_batch_size: int, **forward_kwargs: Any
     ) -> list[torch.Tensor | None]:
-        """Forward over this rank's samples in packed micro-batches -> each output as [n, R] float32 on CPU."""
+        """Forward over this rank's samples in micro-batches -> each output as [n, R] float32 on CPU."""
         self.module.eval()
-        num_samples = columns["response_ids"].shape[0]
         pieces: list[list[torch.Tensor | None]] = []
-        for bounds in self.plan_micro_batches(num_samples, micro_batch_size):
-            packed = self.pack(columns, bounds)
-            outputs = self.module(packed, **forward_kwargs)
+        indices: list[torch.Tensor] = []
+        for index in self.plan_micro_batches(columns, micro_batch_size):
+            batch = self.build(columns, index)
+            outputs = self.module(batch, **forward_kwargs)
             # a placeholder unpacks to [0, R], so an empty share still answers with [0, R] columns
-            pieces.append([None if o is None else packed.unpack(o).float().cpu() for o in outputs])
-        return [None if col[0] is None else torch.cat(col) for col in zip(*pieces)]
+            pieces.append([None if o is None else batch.unpack(o).float().cpu() for o in outputs])
+            if index is not None:
+                indices.append(index)
+        order = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
+        return [None if col[0] is None else _in_original_order(torch.cat(col), order) for col in zip(*pieces)]
 
     def train(
         self,
@@ -215,7 +251,8 @@ class FSDPEngine:
         """`epochs` passes over this rank's share, one optimizer step per mini-batch.
 
         The share is cut into `num_mini_batches` contiguous mini-batches (global mini-batch k =
-        piece k of every rank), each into micro-batches whose gradients accumulate.
+        piece k of every rank), each into micro-batches whose gradients accumulate (samples
+        sorted by length within the mini-batch for the padded layout).
         `loss_fn(outputs, micro_batch, counts)` gets the model outputs as [n, R] tensors, the
         micro-batch's columns and the GLOBAL `GlobalCounts` of the mini-batch, and returns
         (loss, sums, means): `sums` are loss terms that add up over micro-batches and ranks to the
@@ -233,14 +270,14 @@ class FSDPEngine:
                 mini = {key: value[start:stop] for key, value in columns.items()}
                 counts = GlobalCounts(*self.all_reduce(list(astuple(count_valid(mini["response_mask"])))))
                 sums: dict[str, float] = {}
-                for bounds in self.plan_micro_batches(stop - start, micro_batch_size):
-                    packed = self.pack(mini, bounds)
-                    outputs = self.module(packed, **forward_kwargs)
-                    if packed.is_placeholder:  # nothing to learn from, but the collectives must run
+                for index in self.plan_micro_batches(mini, micro_batch_size):
+                    batch = self.build(mini, index)
+                    outputs = self.module(batch, **forward_kwargs)
+                    if batch.is_placeholder:  # nothing to learn from, but the collectives must run
                         self.backward(sum(o.sum() for o in outputs if o is not None) * 0.0)
                         continue
-                    micro = {key: value[bounds[0] : bounds[1]].to(self.device) for key, value in mini.items()}
-                    unpacked = [None if o is None else packed.unpack(o) for o in outputs]
+                    micro = {key: value[index].to(self.device) for key, value in mini.items()}
+                    unpacked = [None if o is None else batch.unpack(o) for o in outputs]
                     loss, loss_sums, means = loss_fn(unpacked, micro, counts)
                     self.backward(loss)
                     num_tokens = float(micro["response_mask"].sum())
@@ -373,6 +410,13 @@ def _even_bounds(total: int, num_chunks: int) -> list[tuple[int, int]]:
         bounds.append((start, stop))
         start = stop
     return bounds
+
+
+def _in_original_order(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows computed in sample order `order` ([n] indices) -> rows in the original order."""
+    out = torch.empty_like(values)
+    out[order] = values
+    return out
 
 
 def _rank_file(path: str, rank: int) -> str:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tidal.workers.engines.fsdp.packing import PackedBatch
+from tidal.workers.engines.fsdp.packing import SequenceBatch
 
 
 class ValueModel(nn.Module):
-    """`forward(packed)` -> (values [K] float32,) at the packed batch's predicting positions."""
+    """`forward(batch)` -> (values [K] float32,) at the batch's predicting positions (any layout)."""
 
     def __init__(self, backbone: nn.Module, seed: int) -> None:
         super().__init__()
@@ -31,8 +31,7 @@ class ValueModel(nn.Module):
             self.value_head.weight.copy_(weight)
             self.value_head.bias.zero_()
 
-    def forward(self, packed: PackedBatch) -> tuple[torch.Tensor]:
-        # attention_mask=None + restarting position ids = block-diagonal causal attention (packing.py).
-        out = self.backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
-        hidden = out.last_hidden_state[0, packed.predict_index]
+    def forward(self, batch: SequenceBatch) -> tuple[torch.Tensor]:
+        out = self.backbone(**batch.model_inputs())
+        hidden = batch.at_predictions(out.last_hidden_state)
         return (self.value_head(hidden).squeeze(-1).float(),)
