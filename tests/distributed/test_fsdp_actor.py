@@ -79,22 +79,6 @@ def _data(num_samples: int, seed: int) -> Batch:
     )
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=VOCAB,
-    )
-    path = tmp_path_factory.mktemp("tiny_qwen2")
-    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
-    return str(path)
-
-
 def _spawn(fn, tmp_path, *args) -> None:
     mp.spawn(fn, args=(f"file://{tmp_path}/rendezvous", *args), nprocs=WORLD, join=True)
 

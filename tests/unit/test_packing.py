@@ -4,9 +4,7 @@ Outputs and gradients of both layouts against a plain padded forward, placeholde
 checks are in test_sequence_layouts.py.
 """
 
-import pytest
 import torch
-import transformers
 from transformers.masking_utils import create_causal_mask
 
 from tidal.config.schema import ModelConfig
@@ -15,22 +13,6 @@ from tidal.workers.engines.fsdp import PackedBatch, PolicyModel, load_pretrained
 PROMPT_LENS = [6, 3, 1, 4, 2]
 RESPONSE_LENS = [5, 2, 0, 3, 1]  # sample 2 has an empty response
 P, R, VOCAB = 6, 5, 32
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=VOCAB,
-    )
-    path = tmp_path_factory.mktemp("tiny_qwen2")
-    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
-    return str(path)
 
 
 def _padded_batch(seed: int = 0):

@@ -6,7 +6,6 @@ response is empty and one has a masked-out token inside it (kept as context by b
 
 import pytest
 import torch
-import transformers
 
 from tidal.config.schema import ModelConfig
 from tidal.workers.engines.fsdp import PackedBatch, PaddedBatch, PolicyModel, ValueModel, load_pretrained
@@ -18,22 +17,6 @@ RESPONSE_LENS = [5, 2, 0, 3, 1, 4, 5]  # sample 2 has an empty response
 INNER_ZERO = (5, 1)  # response slot 1 of sample 5 is masked out but stays as context
 P, R, VOCAB = 6, 5, 32
 LAYOUTS = [PackedBatch, PaddedBatch]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=VOCAB,
-    )
-    path = tmp_path_factory.mktemp("tiny_qwen2")
-    transformers.Qwen2ForCausalLM(config).save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
