@@ -302,7 +302,7 @@ def _check_critic(rank: int, ctx: WorkerContext, model_dir: str) -> None:
 
 
 def _check_layouts(rank: int, ctx: WorkerContext, model_dir: str) -> None:
-    """Packed vs padded engines: same log-probs, entropies and update; padded sorts its micro-batches."""
+    """Packed, packed-rows and padded engines: same log-probs, entropies and update (rows sort micro-batches)."""
     from tidal.workers.engines.fsdp import FSDPEngine, PolicyModel, block_types, load_pretrained
 
     data = _data(9, seed=6)
@@ -319,7 +319,7 @@ def _check_layouts(rank: int, ctx: WorkerContext, model_dir: str) -> None:
         return loss, {"loss": float(loss.detach())}, {}
 
     results = {}
-    for layout in ("packed", "padded"):
+    for layout in ("packed", "packed_rows", "padded"):
         lm = load_pretrained(ModelConfig(path=model_dir), torch.float32)
         optim = OptimConfig(lr=LR, eps=1e-5)
         engine = FSDPEngine(
@@ -336,20 +336,21 @@ def _check_layouts(rank: int, ctx: WorkerContext, model_dir: str) -> None:
             with_entropy=True,
         )
         results[layout] = log_probs, entropy, metrics, dict(engine.full_state_dict())
-    (lp_a, ent_a, metrics_a, weights_a), (lp_b, ent_b, metrics_b, weights_b) = results.values()
+    (lp_a, ent_a, metrics_a, weights_a), *others = results.values()
     mask = local["response_mask"].bool()
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
         expected_lp, expected_entropy = _padded_log_probs(model, local)
-    for log_probs, entropy in ((lp_a, ent_a), (lp_b, ent_b)):  # in the original sample order
+    for log_probs, entropy, _, _ in results.values():  # in the original sample order
         torch.testing.assert_close(log_probs[mask], expected_lp[mask], rtol=0, atol=1e-5)
         torch.testing.assert_close(entropy[mask], expected_entropy[mask], rtol=0, atol=1e-5)
         assert (log_probs[~mask] == 0).all()
-    assert metrics_a["loss"] == pytest.approx(metrics_b["loss"], rel=1e-5)
     moved = 0.0
-    for name, tensor in weights_a.items():
-        torch.testing.assert_close(weights_b[name], tensor, rtol=1e-4, atol=2e-5, msg=name)
-        moved = max(moved, float((tensor - model.state_dict()[name.removeprefix("lm.")]).abs().max()))
+    for _, _, metrics_b, weights_b in others:
+        assert metrics_a["loss"] == pytest.approx(metrics_b["loss"], rel=1e-5)
+        for name, tensor in weights_a.items():
+            torch.testing.assert_close(weights_b[name], tensor, rtol=1e-4, atol=2e-5, msg=name)
+            moved = max(moved, float((tensor - model.state_dict()[name.removeprefix("lm.")]).abs().max()))
     assert moved > 1e-3
 
 

@@ -1,4 +1,4 @@
-"""Padded layout == packed layout == a plain padded forward: log-probs, entropy, values, gradients.
+"""Padded layout == packed layout == packed rows == a plain padded forward: log-probs, entropy, values, gradients.
 
 Tiny Qwen2, sdpa, fp32. The samples are ragged (prompt lengths 1-6, response lengths 0-5), one
 response is empty and one has a masked-out token inside it (kept as context by both layouts).
@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from tidal.config.schema import ModelConfig
-from tidal.workers.engines.fsdp import PackedBatch, PaddedBatch, PolicyModel, ValueModel, load_pretrained
+from tidal.workers.engines.fsdp import (
+    PackedBatch,
+    PackedRowsBatch,
+    PaddedBatch,
+    PolicyModel,
+    ValueModel,
+    load_pretrained,
+)
+from tidal.workers.engines.fsdp.packed_rows import first_fit_decreasing
 from tidal.workers.engines.fsdp.packing import response_lengths, sample_lengths
 from tidal.workers.engines.fsdp.padding import micro_batch_indices
 
@@ -16,7 +24,7 @@ PROMPT_LENS = [6, 3, 1, 4, 2, 5, 2]
 RESPONSE_LENS = [5, 2, 0, 3, 1, 4, 5]  # sample 2 has an empty response
 INNER_ZERO = (5, 1)  # response slot 1 of sample 5 is masked out but stays as context
 P, R, VOCAB = 6, 5, 32
-LAYOUTS = [PackedBatch, PaddedBatch]
+LAYOUTS = [PackedBatch, PackedRowsBatch, PaddedBatch]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +95,37 @@ def test_padded_layout():
     ]
 
 
+def test_packed_rows_layout():
+    batch = _batch()
+    rows = PackedRowsBatch.from_padded(*batch)
+    packed = PackedBatch.from_padded(*batch)
+    lengths = [p + r if r else 0 for p, r in zip(PROMPT_LENS, RESPONSE_LENS)]
+    width = max(lengths)
+    # bin-packed: rows as wide as the longest sample, fewer rows than samples, nothing lost
+    assert rows.input_ids.shape[1] == width and rows.input_ids.shape[0] < sum(1 for n in lengths if n)
+    assert rows.num_tokens < PaddedBatch.from_padded(*batch).num_tokens
+    sample_row, offset, fill = first_fit_decreasing(lengths, width)
+    for i, n in enumerate(lengths):  # each sample's tokens contiguous, positions from 0
+        if n:
+            r, o = sample_row[i], offset[i]
+            assert rows.position_ids[r, o : o + n].tolist() == list(range(n))
+    assert sum(fill) == packed.num_tokens
+    # the same predictions and targets as the single packed row, in the same order
+    assert torch.equal(rows.input_ids.flatten()[rows.predict_index + 1], rows.targets)
+    assert torch.equal(rows.targets, packed.targets)
+    assert torch.equal(rows.response_keep, packed.response_keep)
+
+
+def test_first_fit_decreasing():
+    # longest first, each into the first row with room: 9 | 6 | 5 then 4 | 3 joins the 6 | 1 opens a row
+    row, offset, fill = first_fit_decreasing([3, 9, 0, 6, 5, 1, 4], 9)
+    assert row == [1, 0, -1, 1, 2, 3, 2]
+    assert offset == [6, 0, 0, 0, 0, 0, 5]
+    assert fill == [9, 9, 9, 1]
+    with pytest.raises(ValueError, match="longer than the row width"):
+        first_fit_decreasing([10], 9)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_log_probs_entropy_and_grads_match(lm, temperature):
     batch = _batch()
@@ -127,7 +166,8 @@ def test_values_match_per_sample_forward(model_dir):
     with torch.no_grad():
         per_layout = [layout.from_padded(*batch) for layout in LAYOUTS]
         values = [built.unpack(critic(built)[0]) for built in per_layout]
-        torch.testing.assert_close(values[0], values[1], rtol=0, atol=1e-5)
+        for other in values[1:]:
+            torch.testing.assert_close(values[0], other, rtol=0, atol=1e-5)
         for i, (p, r) in enumerate(zip(PROMPT_LENS, RESPONSE_LENS)):
             ids = torch.cat([prompt_ids[i, P - p :], response_ids[i, :r]])[None]
             hidden = backbone(input_ids=ids).last_hidden_state[0]  # one sample, no padding at all

@@ -1,4 +1,4 @@
-"""FSDP2 train/inference engine: sharded model, packed or padded micro-batches, optimizer, checkpoints."""
+"""FSDP2 train/inference engine: sharded model, packed / packed-rows / padded micro-batches, optimizer, checkpoints."""
 
 from tidal.workers.engines.fsdp.engine import (
     DTYPES,
@@ -10,6 +10,7 @@ from tidal.workers.engines.fsdp.engine import (
     choose_layout,
     load_pretrained,
 )
+from tidal.workers.engines.fsdp.packed_rows import PackedRowsBatch
 from tidal.workers.engines.fsdp.packing import PackedBatch, SequenceBatch
 from tidal.workers.engines.fsdp.padding import PaddedBatch
 from tidal.workers.engines.fsdp.value_model import ValueModel
@@ -20,6 +21,7 @@ __all__ = [
     "FSDPEngine",
     "Layout",
     "PackedBatch",
+    "PackedRowsBatch",
     "PaddedBatch",
     "PolicyModel",
     "SequenceBatch",

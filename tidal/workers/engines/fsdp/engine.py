@@ -11,10 +11,12 @@ maximum and pads with `None` entries, for which callers run a zero-weight placeh
 Layout of a micro-batch (`layout`, an explicit constructor argument; `choose_layout` is the rule
 the roles use): "packed" (packing.py, every sample in one row) when flash-attention-2 can run
 it, i.e. on CUDA with `flash_attn` importable and a 16-bit compute dtype: its varlen kernels
-attend within each sample at no padding cost. "padded" (padding.py, one row per sample, right-
-padded to the micro-batch's longest) everywhere else: sdpa and eager attention see a packed row
-as one long sequence with a dense block-diagonal mask, i.e. (sum of lengths)^2 attention work
-instead of the sum of the lengths^2. Both give the same outputs (tests/unit/test_sequence_layouts.py).
+attend within each sample at no padding cost. "packed_rows" (packed_rows.py, samples bin-packed
+into rows as wide as the longest) everywhere else: sdpa and eager attention see a packed row as
+one long sequence with a dense block-diagonal mask, i.e. (sum of lengths)^2 attention work, while
+short rows keep that near the sum of the lengths^2 with almost no padding. "padded" (padding.py,
+one row per sample) is kept beside them: the plainest layout, and the reference the others are
+tested against. All give the same outputs (tests/unit/test_sequence_layouts.py).
 
 Gradients: FSDP averages gradients over ranks, while the losses here are normalised by the global
 mini-batch count so that they SUM to the mini-batch loss over ranks and micro-batches
@@ -49,6 +51,7 @@ from tidal.config.schema import ModelConfig, OptimConfig
 from tidal.kernels.logprobs import token_log_probs
 from tidal.workers.context import WorkerContext
 from tidal.workers.engines.fsdp.optim import build_optimizer, build_scheduler
+from tidal.workers.engines.fsdp.packed_rows import PackedRowsBatch
 from tidal.workers.engines.fsdp.packing import PackedBatch, SequenceBatch, sample_lengths
 from tidal.workers.engines.fsdp.padding import PaddedBatch, micro_batch_indices
 
@@ -59,23 +62,27 @@ LossFn = Callable[
 ]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PACK_COLUMNS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
-Layout = Literal["packed", "padded"]
-LAYOUTS: dict[str, type[PackedBatch] | type[PaddedBatch]] = {"packed": PackedBatch, "padded": PaddedBatch}
+Layout = Literal["packed", "packed_rows", "padded"]
+LAYOUTS: dict[str, type[SequenceBatch]] = {
+    "packed": PackedBatch,
+    "packed_rows": PackedRowsBatch,
+    "padded": PaddedBatch,
+}
 
 
 def choose_layout(device: torch.device, compute_dtype: torch.dtype) -> tuple[Layout, str]:
     """(layout, attn_implementation) for a model computing in `compute_dtype` on `device`.
 
     Packed only where flash-attention-2's varlen kernels run it: CUDA, the `flash_attn` package
-    importable, and fp16/bf16 compute (the kernels have no float32 version). Padded with sdpa
-    otherwise. Config-free for now: it depends on nothing the user sets but the dtype.
+    importable, and fp16/bf16 compute (the kernels have no float32 version). Packed rows with
+    sdpa otherwise. Config-free for now: it depends on nothing the user sets but the dtype.
     """
     if device.type == "cuda" and compute_dtype in (torch.float16, torch.bfloat16):
         from transformers.utils import is_flash_attn_2_available
 
         if is_flash_attn_2_available():
             return "packed", "flash_attention_2"
-    return "padded", "sdpa"
+    return "packed_rows", "sdpa"
 
 
 def load_pretrained(
@@ -204,10 +211,11 @@ class FSDPEngine:
     def plan_micro_batches(self, columns: dict[str, torch.Tensor], size: int) -> list[torch.Tensor | None]:
         """Sample indices of this rank's micro-batches, padded with None so that every rank has as many.
 
-        The padded layout sorts samples by length first when there are several micro-batches.
+        Layouts with rows sort samples by length first when there are several micro-batches, so
+        that each micro-batch's rows are about as wide as its samples.
         """
         lengths = sample_lengths(columns["prompt_mask"], columns["response_mask"])
-        local = micro_batch_indices(lengths, size, sort_by_length=self.layout == "padded")
+        local = micro_batch_indices(lengths, size, sort_by_length=self.layout != "packed")
         (most,) = self.all_reduce([len(local)], op=dist.ReduceOp.MAX)
         # at least one, so that outputs (and their count) exist even when every share is empty
         return local + [None] * (max(int(most), 1) - len(local))
@@ -252,7 +260,7 @@ class FSDPEngine:
 
         The share is cut into `num_mini_batches` contiguous mini-batches (global mini-batch k =
         piece k of every rank), each into micro-batches whose gradients accumulate (samples
-        sorted by length within the mini-batch for the padded layout).
+        sorted by length within the mini-batch for the layouts with rows).
         `loss_fn(outputs, micro_batch, counts)` gets the model outputs as [n, R] tensors, the
         micro-batch's columns and the GLOBAL `GlobalCounts` of the mini-batch, and returns
         (loss, sums, means): `sums` are loss terms that add up over micro-batches and ranks to the
