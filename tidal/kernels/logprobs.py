@@ -1,51 +1,71 @@
 """Per-token log-probabilities (and entropy) from hidden states, without a [T, V] logits tensor.
 
 A policy's log-prob of token t is `log_softmax(h_t @ W.T / temperature)[target_t]`. With a 150k
-vocabulary and tens of thousands of tokens per micro-batch the full logits would take tens of GiB,
-so `token_log_probs` walks the tokens in chunks: only `chunk_size x V` logits exist at a time.
+vocabulary and thousands of tokens per micro-batch the full logits (and autograd's copies of them)
+would take tens of GiB, so `token_log_probs` computes blocks of [token chunk x vocab block] logits
+at a time and recomputes them in backward (chunked.py): forward and backward hold one block.
 
-Under autograd each chunk runs inside activation checkpointing, so backward recomputes the chunk's
-logits instead of keeping every chunk's logits alive until backward (which would bring the [T, V]
-memory back). `token_log_probs_reference` is the plain full-logits version the tests compare with.
-
-Logits are computed in the inputs' dtype (as the model's own lm_head would) and then upcast to
-float32 for the softmax, so bf16 models get fp32 log-probs.
+Two implementations of the per-block elementwise work share that loop:
+- "torch" (block_ops.py): plain torch, in place on reused buffers. The default off CUDA.
+- "triton" (triton_ops.py): one fused pass per block. The default on CUDA when Triton is
+  installed; on CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1), for tests.
+`token_log_probs_reference` (reference.py) is the plain full-logits version the tests compare with.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from typing import Literal
+
 import torch
-from torch.utils.checkpoint import checkpoint
+
+from tidal.kernels.block_ops import TorchBlockOps
+from tidal.kernels.chunked import ChunkedLogProbs, MakeOps
+from tidal.kernels.reference import check_inputs, token_log_probs_reference
+
+Backend = Literal["auto", "torch", "triton"]
+
+# Block shapes (tokens x vocab). CPU: a float32 block of 1024 x 2048 (8 MiB) keeps the in-place
+# elementwise passes near the last-level cache while the matmuls stay large enough to run at full
+# speed; shapes from 512 x 1024 to 2048 x 8192 measured within noise of each other at one thread
+# (benchmarks/logprob_kernel.py). CUDA: larger blocks keep the GPU busy; 4096 x 16384 in bf16 is
+# 128 MiB (a first guess: not yet timed on a GPU).
+DEFAULT_CHUNKS = {"cpu": (1024, 2048), "cuda": (4096, 16384)}
+
+__all__ = ["token_log_probs", "token_log_probs_reference", "resolve_backend", "triton_available"]
 
 
-def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
-    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: Backend, device: torch.device) -> Literal["torch", "triton"]:
+    """The implementation to run on `device`: Triton on CUDA when installed, torch elsewhere."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "torch":
+        return "torch"
+    if backend != "triton":
+        raise ValueError(f"backend={backend!r} is not one of 'auto', 'torch', 'triton'")
+    if not triton_available():
         raise ValueError(
-            f"expected hidden [T, H], weight [V, H], targets [T]; got {tuple(hidden.shape)}, "
-            f"{tuple(weight.shape)}, {tuple(targets.shape)}"
+            "backend='triton' needs the triton package: pip install triton, or use backend='torch'"
         )
-    if hidden.shape[0] != targets.shape[0] or hidden.shape[1] != weight.shape[1]:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
-            f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
-            f"targets {tuple(targets.shape)}"
+            f"backend='triton' on {device.type} tensors runs only under Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before importing tidal.kernels.triton_ops, or use backend='torch'"
         )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use 1.0 for greedy sampling), got {temperature}")
+    return "triton"
 
 
-def _chunk(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    logits = (hidden @ weight.t()).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    log_norm = torch.logsumexp(logits, dim=-1)
-    log_probs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-    if not with_entropy:
-        return log_probs, None
-    # H = logsumexp(z) - sum softmax(z) * z
-    entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return log_probs, entropy
+def _make_ops(name: str) -> MakeOps:
+    if name == "triton":
+        from tidal.kernels.triton_ops import TritonBlockOps  # imports triton: only when asked for
+
+        return TritonBlockOps
+    return TorchBlockOps
 
 
 def token_log_probs(
@@ -54,42 +74,55 @@ def token_log_probs(
     targets: torch.Tensor,
     temperature: float = 1.0,
     with_entropy: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
+    *,
+    vocab_chunk_size: int | None = None,
+    mask: torch.Tensor | None = None,
+    backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(targets) [T] float32 (and entropy [T] float32) of softmax(hidden @ weight.T / temperature)."""
-    _check(hidden, weight, targets, temperature)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    log_probs, entropies = [], []
-    for start in range(0, hidden.shape[0], chunk_size):
-        args = (hidden[start : start + chunk_size], weight, targets[start : start + chunk_size])
-        if needs_grad:
-            lp, ent = checkpoint(_chunk, *args, temperature, with_entropy, use_reentrant=False)
-        else:
-            lp, ent = _chunk(*args, temperature, with_entropy)
-        log_probs.append(lp)
-        entropies.append(ent)
-    if not log_probs:  # zero tokens
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, (empty.clone() if with_entropy else None)
-    out = torch.cat(log_probs)
-    return out, (torch.cat(entropies) if with_entropy else None)
+    """log p(targets) [T] float32 (and entropy [T] float32) of softmax(hidden @ weight.T / temperature).
 
-
-def token_log_probs_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same contract as `token_log_probs`, with the full [T, V] logits (chunk_size is ignored)."""
-    del chunk_size
-    _check(hidden, weight, targets, temperature)
-    logits = (hidden @ weight.t()).float() / temperature
-    log_probs = torch.log_softmax(logits, dim=-1)
-    out = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
-    return out, entropy
+    hidden [T, H] and weight [V, H] (the lm_head, or the tied input embedding) share a dtype;
+    targets [T] are token ids in [0, V). `chunk_size` tokens x `vocab_chunk_size` vocabulary
+    entries is the largest block of logits that exists at once (defaults per device in
+    DEFAULT_CHUNKS). Tokens where `mask` is False are skipped: log-prob and entropy 0, no gradient.
+    Differentiable with respect to hidden and weight.
+    """
+    check_inputs(hidden, weight, targets, temperature, mask)
+    for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 (or None for the default), got {value}")
+    if mask is not None:
+        index = mask.nonzero().squeeze(1)
+        log_probs, entropy = token_log_probs(
+            hidden.index_select(0, index),
+            weight,
+            targets.index_select(0, index),
+            temperature,
+            with_entropy,
+            chunk_size,
+            vocab_chunk_size=vocab_chunk_size,
+            backend=backend,
+        )
+        zeros = log_probs.new_zeros(targets.shape[0])
+        return zeros.index_put((index,), log_probs), (
+            zeros.index_put((index,), entropy) if entropy is not None else None
+        )
+    if targets.numel():
+        low, high = torch.aminmax(targets)
+        if low < 0 or high >= weight.shape[0]:
+            raise ValueError(
+                f"targets must be token ids in [0, {weight.shape[0]}), got ids in [{low}, {high}]"
+            )
+    name = resolve_backend(backend, hidden.device)
+    default_tokens, default_vocab = DEFAULT_CHUNKS["cuda" if hidden.device.type == "cuda" else "cpu"]
+    return ChunkedLogProbs.apply(
+        hidden,
+        weight,
+        targets.long(),
+        float(temperature),
+        with_entropy,
+        chunk_size or default_tokens,
+        vocab_chunk_size or default_vocab,
+        _make_ops(name),
+    )
