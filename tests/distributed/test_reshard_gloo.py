@@ -18,8 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tidal.resharding.apply import materialize
-from tidal.resharding.executor import ReshardExecutor, is_contiguous
+from tidal.resharding.executor import ReshardExecutor
 from tidal.resharding.layout import ParallelLayout, box_slices
+from tidal.resharding.messages import is_contiguous
 from tidal.resharding.planner import Placement, make_plan
 from tidal.resharding.spec import ModelSpec
 from tidal.resharding.transports import LocalHub, LocalTransport, TorchP2PTransport

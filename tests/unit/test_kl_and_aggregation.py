@@ -172,6 +172,32 @@ def test_chunk_losses_with_global_denominator_sum_to_whole(batch, mode):
         torch.testing.assert_close(sum(chunks), whole)
 
 
+def naive_aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str) -> float:
+    """The definitions written out with python loops over rows (fully padded rows skipped; the
+    implementation adds verl's 1e-8 to per-row token counts, hence the relative tolerance)."""
+    rows = [[float(x) for x, m in zip(row, row_mask) if m > 0] for row, row_mask in zip(loss_mat, mask)]
+    rows = [row for row in rows if row]
+    if not rows:
+        return 0.0
+    if mode == "token-mean":
+        return sum(map(sum, rows)) / sum(map(len, rows))
+    if mode == "seq-mean-token-sum":
+        return sum(map(sum, rows)) / len(rows)
+    if mode == "seq-mean-token-mean":
+        return sum(sum(row) / len(row) for row in rows) / len(rows)
+    return sum(map(sum, rows)) / (len(rows) * loss_mat.shape[-1])
+
+
+@SETTINGS
+@given(ragged_batches(), st.sampled_from(LOSS_AGG_MODES))
+def test_aggregation_modes_match_their_definitions_on_ragged_masks(batch, mode):
+    loss_mat, mask, _ = batch
+    garbage = torch.where(mask > 0, loss_mat, torch.full_like(loss_mat, float("nan")))  # padding never leaks
+    assert aggregate_loss(garbage, mask, mode).item() == pytest.approx(
+        naive_aggregate(loss_mat, mask, mode), rel=1e-6, abs=1e-9
+    )
+
+
 def test_seq_mean_token_mean_chunks_with_equal_rows_average_to_whole():
     # Without a global denominator a mean over pieces is only right when pieces have equal counts.
     mask = torch.ones(4, 3)

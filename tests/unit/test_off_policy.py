@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from tidal.algorithms import POLICY_LOSSES, masked_is, truncated_is_weights
+from tidal.algorithms import (
+    OFF_POLICY_CORRECTIONS,
+    POLICY_LOSSES,
+    decoupled_is_weights,
+    masked_is,
+    truncated_is_weights,
+)
 from tidal.config.schema import ActorConfig
 
 
@@ -90,3 +96,35 @@ def test_reinforce_with_tis_weights_scales_token_gradients():
     )
     loss.backward()
     torch.testing.assert_close(log_probs.grad, torch.tensor([[-1.5 / 2, 2.0 / 2]]))
+
+
+def test_vanilla_with_decoupled_weights_is_the_decoupled_ppo_objective():
+    # proximal policy = trainer's old log-probs; behaviour = rollout's
+    proximal = torch.log(torch.tensor([[0.4, 0.2]]))
+    behaviour = proximal - torch.log(torch.tensor([[2.0, 0.5]]))  # pi_prox / pi_behav = 2, 0.5
+    log_probs = proximal + torch.log(torch.tensor([[1.1, 1.5]]))  # rho = pi / pi_prox = 1.1, 1.5
+    advantages, mask = torch.ones(1, 2), torch.ones(1, 2)
+    weights, kept, metrics = decoupled_is_weights(proximal, behaviour, mask)
+    torch.testing.assert_close(weights, torch.tensor([[2.0, 0.5]]))
+    loss, _ = POLICY_LOSSES.get("vanilla")(
+        log_probs, proximal, advantages, kept, config=ActorConfig(), is_weights=weights
+    )
+    # -w * min(rho * A, clip(rho, 0.8, 1.2) * A) per token, token mean
+    assert loss.item() == pytest.approx((-2.0 * 1.1 - 0.5 * 1.2) / 2, rel=1e-6)
+    capped_weights, capped, metrics = decoupled_is_weights(proximal, behaviour, mask, cap=1.0)
+    assert capped.tolist() == [[0.0, 1.0]] and metrics["is_capped_fraction"] == pytest.approx(0.5)
+    loss, _ = POLICY_LOSSES.get("vanilla")(
+        log_probs, proximal, advantages, capped, config=ActorConfig(), is_weights=capped_weights
+    )
+    assert loss.item() == pytest.approx(-0.5 * 1.2, rel=1e-6)
+
+
+def test_corrections_registry_has_one_signature():
+    assert set(OFF_POLICY_CORRECTIONS.names()) == {"tis", "mis", "decoupled"}
+    old = torch.log(torch.tensor([[3.0, 1.0]]))
+    mask = torch.ones(1, 2)
+    for name in OFF_POLICY_CORRECTIONS.names():
+        weights, new_mask, metrics = OFF_POLICY_CORRECTIONS.get(name)(old, torch.zeros(1, 2), mask)
+        assert weights.shape == new_mask.shape == mask.shape and "is_mean" in metrics
+    tis_weights, tis_mask, _ = OFF_POLICY_CORRECTIONS.get("tis")(old, torch.zeros(1, 2), mask, threshold=2.0)
+    assert tis_weights.tolist() == [[2.0, 1.0]] and tis_mask is mask

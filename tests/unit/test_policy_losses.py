@@ -251,7 +251,8 @@ def clip_cov_case():
 
 def test_clip_cov_detaches_all_candidates_when_ratio_allows():
     log_probs, advantages, mask = clip_cov_case()
-    loss, metrics = call("clip_cov", log_probs, log_probs.detach(), advantages, mask, clip_cov_ratio=1.0)
+    cfg = ActorConfig(policy_loss="clip_cov", clip_cov_ratio=1.0)
+    loss, metrics = call("clip_cov", log_probs, log_probs.detach(), advantages, mask, config=cfg)
     loss.backward()
     assert loss.item() == 0.0
     assert torch.all(log_probs.grad == 0)
@@ -262,8 +263,9 @@ def test_clip_cov_detaches_all_candidates_when_ratio_allows():
 def test_clip_cov_detaches_exactly_one_random_candidate(seed):
     log_probs, advantages, mask = clip_cov_case()
     generator = torch.Generator().manual_seed(seed)
+    cfg = ActorConfig(policy_loss="clip_cov", clip_cov_ratio=0.25)
     loss, metrics = call(
-        "clip_cov", log_probs, log_probs.detach(), advantages, mask, clip_cov_ratio=0.25, generator=generator
+        "clip_cov", log_probs, log_probs.detach(), advantages, mask, config=cfg, generator=generator
     )
     loss.backward()
     assert metrics["pg_clipfrac"] == pytest.approx(0.25)
@@ -277,8 +279,9 @@ def test_clip_cov_detaches_exactly_one_random_candidate(seed):
 def test_kl_cov_penalises_top_covariance_token():
     advantages = torch.tensor([[3.0, -1.0, -1.0, -1.0]])
     log_probs = torch.tensor([[0.0, -0.5, -1.5, -2.0]], requires_grad=True)  # centred: 1, .5, -.5, -1
+    cfg = ActorConfig(policy_loss="kl_cov", kl_cov_ratio=0.25)
     loss, metrics = call(
-        "kl_cov", log_probs, log_probs.detach() - 0.1, advantages, torch.ones(1, 4), kl_cov_ratio=0.25
+        "kl_cov", log_probs, log_probs.detach() - 0.1, advantages, torch.ones(1, 4), config=cfg
     )
     # sum(-A) = 0, so only the |log ratio| = 0.1 penalty on token 0 (covariance 3) remains
     assert loss.item() == pytest.approx(0.1 / 4, rel=1e-5)
@@ -287,3 +290,14 @@ def test_kl_cov_penalises_top_covariance_token():
     ratio = math.exp(0.1)
     expected = torch.tensor([[-3 * ratio + 1, ratio, ratio, ratio]]) / 4
     torch.testing.assert_close(log_probs.grad, expected)
+
+
+def test_sapo_hand_computed_with_configured_temperatures():
+    cfg = ActorConfig(policy_loss="sapo", sapo_tau_pos=2.0, sapo_tau_neg=0.5)
+    ratios = torch.tensor([[1.5, 0.5]])
+    loss, _ = call(
+        "sapo", ratios.log(), torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), config=cfg
+    )
+    positive = -(4 / 2.0) * torch.sigmoid(torch.tensor(2.0 * 0.5))  # A = 1, tau_pos
+    negative = (4 / 0.5) * torch.sigmoid(torch.tensor(0.5 * -0.5))  # A = -1, tau_neg
+    assert loss.item() == pytest.approx(float(positive + negative) / 2, rel=1e-6)

@@ -20,6 +20,7 @@ from tidal.algorithms import (
     TOKEN_SELECTORS,
     DynamicSamplingQuota,
     Registry,
+    add_at_last_token,
     linear_schedule,
 )
 from tidal.algorithms.filters import max_variance_subset
@@ -92,16 +93,28 @@ def test_length_penalty_equal_lengths_and_threshold():
         REWARD_SHAPERS.get("length_penalty")(torch.ones(1), torch.ones(1, 1), group_ids=None)
 
 
+def test_add_at_last_token_changes_the_sequence_sum_by_delta():
+    token_rewards = torch.tensor([[0.0, 0.2, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]])
+    mask = mask_of([3, 0, 1], width=4)
+    out = add_at_last_token(token_rewards, torch.tensor([-0.5, 7.0, 1.0]), mask)
+    torch.testing.assert_close(
+        out, torch.tensor([[0.0, 0.2, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0], [1.5, 0.0, 0.0, 0.0]])
+    )
+    assert token_rewards[0, 2] == 1.0  # input untouched
+
+
 def test_par_hand_computed():
     shaped, _ = REWARD_SHAPERS.get("par")(
-        torch.tensor([1.0, 0.0]), None, ref_rewards=torch.tensor([0.0, 0.0])
+        torch.tensor([1.0, 0.0]), None, reward_baselines=torch.tensor([0.0, 0.0])
     )
     assert shaped.tolist() == pytest.approx([1 / (1 + math.exp(-1)), 0.5])
     # two references at 0 and 2: mean(sigmoid(1), sigmoid(-1)) = 0.5
-    shaped, _ = REWARD_SHAPERS.get("par")(torch.tensor([1.0]), None, ref_rewards=torch.tensor([[0.0, 2.0]]))
+    shaped, _ = REWARD_SHAPERS.get("par")(
+        torch.tensor([1.0]), None, reward_baselines=torch.tensor([[0.0, 2.0]])
+    )
     assert shaped.item() == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="ref_rewards"):
-        REWARD_SHAPERS.get("par")(torch.zeros(2), None, ref_rewards=torch.zeros(3))
+    with pytest.raises(ValueError, match="reward_baselines"):
+        REWARD_SHAPERS.get("par")(torch.zeros(2), None, reward_baselines=torch.zeros(3))
 
 
 # -------------------------------------------------------------------------------- combination

@@ -16,7 +16,9 @@ Objectives and data strategies from the seed papers (see docs/algorithms.md for 
     TOKEN_SELECTORS.get("high_entropy")(response_mask, entropy=..., advantages=...)  # "d3s"
     PREFERENCE_LOSSES.get("dpo")(chosen_lp, chosen_mask, rejected_lp, rejected_mask, ...)  # simpo, redi
     kdrl_kl_loss(log_probs, teacher_log_probs, mask, ...)        # KDRL reverse KL term
+    OFF_POLICY_CORRECTIONS.get("tis")(old_lp, rollout_lp, mask, **params)  # "mis", "decoupled"
 
+Config sections pick plug-ins by name: `bind(REGISTRY, section, "algorithm.x", step=...)` (plugins.py).
 Imports only torch (config types for hints only). Importing this package registers every name.
 """
 
@@ -47,12 +49,18 @@ from tidal.algorithms.kl import (
     build_kl_controller,
 )
 from tidal.algorithms.masked import masked_mean, masked_sum, masked_var, masked_whiten
-from tidal.algorithms.off_policy import masked_is, truncated_is_weights
+from tidal.algorithms.off_policy import (
+    OFF_POLICY_CORRECTIONS,
+    decoupled_is_weights,
+    masked_is,
+    truncated_is_weights,
+)
+from tidal.algorithms.plugins import bind, call_accepting, plugin_kwargs
 from tidal.algorithms.policy_losses import POLICY_LOSSES
 from tidal.algorithms.preference import PREFERENCE_LOSSES, sequence_log_probs, sft_loss
 from tidal.algorithms.registry import Registry
 from tidal.algorithms.reward_combination import REWARD_COMBINERS
-from tidal.algorithms.shaping import REWARD_SHAPERS
+from tidal.algorithms.shaping import REWARD_SHAPERS, add_at_last_token
 from tidal.algorithms.value_loss import value_loss
 
 __all__ = [
@@ -60,6 +68,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGG_ALIASES",
     "LOSS_AGG_MODES",
+    "OFF_POLICY_CORRECTIONS",
     "POLICY_LOSSES",
     "PREFERENCE_LOSSES",
     "REWARD_COMBINERS",
@@ -71,10 +80,14 @@ __all__ = [
     "FixedKLController",
     "GlobalCounts",
     "Registry",
+    "add_at_last_token",
     "aggregate_loss",
     "apply_kl_penalty",
+    "bind",
     "build_kl_controller",
+    "call_accepting",
     "count_valid",
+    "decoupled_is_weights",
     "entropy_from_logits",
     "kdrl_beta",
     "kdrl_kl_loss",
@@ -84,6 +97,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "plugin_kwargs",
     "resolve_loss_agg_mode",
     "sequence_log_probs",
     "sft_loss",

@@ -7,8 +7,9 @@ over the micro-batch's valid tokens and restrain a small fraction of them:
   by PPO) get no gradient at all;
 - kl_cov: the top `kl_cov_ratio` fraction by cov get a |log-ratio| penalty added.
 The selection uses statistics of the pieces it is given (as verl's), so unlike the other losses a
-split into micro-batches is not exactly the whole-batch loss. Ratio parameters default to verl's;
-bind others with functools.partial. The signature is the one in `policy_losses.py`.
+split into micro-batches is not exactly the whole-batch loss. The parameters are `ActorConfig`
+fields (clip_cov_ratio / clip_cov_lb / clip_cov_ub, kl_cov_ratio / kl_cov_coef; defaults are
+verl's). The signature is the one in `policy_losses.py`.
 """
 
 from __future__ import annotations
@@ -42,14 +43,17 @@ def clip_cov(
     config: ActorConfig,
     denominator: Denominator = None,
     is_weights: torch.Tensor | None = None,
-    clip_cov_ratio: float = 0.0002,
-    clip_cov_lb: float = 1.0,
-    clip_cov_ub: float = 5.0,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO clip (no dual clip, no log-ratio clamp, as verl) with high-covariance tokens detached."""
+    """PPO clip (no dual clip, no log-ratio clamp, as verl) with high-covariance tokens detached.
+
+    `generator` draws the random subset of candidates (None: torch's global generator).
+    """
+    clip_cov_ratio, clip_cov_lb, clip_cov_ub = config.clip_cov_ratio, config.clip_cov_lb, config.clip_cov_ub
     if clip_cov_ratio <= 0:
-        raise ValueError(f"clip_cov_ratio={clip_cov_ratio} must be > 0 (the fraction of tokens to clip)")
+        raise ValueError(
+            f"actor.clip_cov_ratio={clip_cov_ratio} must be > 0 (the fraction of tokens to clip)"
+        )
     log_ratio = log_probs - old_log_probs
     ratio = torch.exp(log_ratio)
     losses_unclipped = -advantages * ratio
@@ -84,15 +88,16 @@ def kl_cov(
     config: ActorConfig,
     denominator: Denominator = None,
     is_weights: torch.Tensor | None = None,
-    kl_cov_ratio: float = 0.0002,
-    ppo_kl_coef: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """-A * ratio (no clip), plus ppo_kl_coef * |log ratio| on the top-covariance tokens.
+    """-A * ratio (no clip), plus kl_cov_coef * |log ratio| on the top-covariance tokens.
 
-    The ppo_kl metric here is the mean |log ratio|, as in verl.
+    The ppo_kl metric here is the mean |log ratio|, as in verl (whose kl_cov_coef is `ppo_kl_coef`).
     """
+    kl_cov_ratio, kl_cov_coef = config.kl_cov_ratio, config.kl_cov_coef
     if kl_cov_ratio <= 0:
-        raise ValueError(f"kl_cov_ratio={kl_cov_ratio} must be > 0 (the fraction of tokens to penalise)")
+        raise ValueError(
+            f"actor.kl_cov_ratio={kl_cov_ratio} must be > 0 (the fraction of tokens to penalise)"
+        )
     log_ratio = log_probs - old_log_probs
     ratio = torch.exp(log_ratio)
     pg_losses = -advantages * ratio
@@ -106,7 +111,7 @@ def kl_cov(
             top = torch.topk(cov.flatten(), max(1, int(num_valid * kl_cov_ratio))).indices
             penalised = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)
             penalised[top] = True
-        pg_losses = torch.where(penalised.view_as(cov), pg_losses + ppo_kl_coef * log_ratio.abs(), pg_losses)
+        pg_losses = torch.where(penalised.view_as(cov), pg_losses + kl_cov_coef * log_ratio.abs(), pg_losses)
     loss = aggregate_loss(weighted(pg_losses, is_weights), response_mask, config.loss_agg_mode, denominator)
     with torch.no_grad():
         metrics = metrics_of(ppo_kl=masked_mean(log_ratio.abs(), response_mask))

@@ -6,7 +6,9 @@ with r = ref / pi evaluated at the sampled token:
 - "abs": |log pi - log ref|.
 - "mse" / "k2": 0.5 * (log pi - log ref)^2. Biased, low variance; its gradient is the right one.
 - "low_var_kl" / "k3": r - log r - 1 >= 0. Unbiased, low variance. As in verl, log r is clamped to
-  [-20, 20] before exp and the result to [-10, 10].
+  [-20, 20] before exp and the result to at most 10. It is computed as expm1(log r) - log r: in
+  float32, exp(log r) - log r - 1 rounds to small NEGATIVE values for |log r| ~ 1e-7, which verl's
+  lower clamp of -10 lets through; here the result is also clamped at 0 (same numbers otherwise).
 - "<name>+" (e.g. "k3+", "low_var_kl+"): the VALUE of <name> with the GRADIENT of k2
   (straight-through). The expected gradient of k1/k3 is not the gradient of the KL; k2's is.
 
@@ -45,7 +47,7 @@ def kl_k2(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
 
 def kl_k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
     log_r = torch.clamp(ref_log_probs - log_probs, min=-20.0, max=20.0)
-    return torch.clamp(torch.exp(log_r) - log_r - 1, min=-10.0, max=10.0)
+    return torch.clamp(torch.expm1(log_r) - log_r, min=0.0, max=10.0)
 
 
 def straight_through(forward: KLFn) -> KLFn:

@@ -12,13 +12,29 @@ At "token" level each token has its own ratio; at "sequence" level every token o
 the product of its ratios (unbiased, high variance); "geometric" (masking only) uses the per-token
 geometric mean, a length-independent sequence statistic. Weights are constants (detached): they
 change the measure, not the objective. Pass them as `is_weights=` to a policy loss.
+
+Decoupled PPO (Hilton et al. 2021, arXiv 2110.00641; AReaL) needs no loss of its own: with the
+trainer's recomputed log-probs as the PROXIMAL policy in `old_log_probs` (the clip centre) and
+w = pi_prox / pi_behaviour as `is_weights`, the vanilla loss IS the decoupled objective
+    -w * min(rho * A, clip(rho, 1 - eps, 1 + eps) * A),   rho = pi / pi_prox.
+`decoupled_is_weights` gives those untruncated weights (optionally dropping tokens above a cap).
+
+`OFF_POLICY_CORRECTIONS` holds the three by name, with one signature for the program:
+
+    fn(old_log_probs, rollout_log_probs, mask, **params) -> (weights [N, R], mask [N, R], metrics)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from tidal.algorithms.masked import masked_mean, masked_sum
+from tidal.algorithms.registry import Registry
+
+CorrectionFn = Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, float]]]
+OFF_POLICY_CORRECTIONS: Registry[CorrectionFn] = Registry("off-policy correction")
 
 LOG_BOUND = 20.0  # exp(+-20) keeps a ratio finite; same safety bound as verl
 IS_LEVELS = ("token", "sequence")
@@ -124,3 +140,57 @@ def masked_is(
         "is_rejected_seq_fraction": float(rejected_seqs.sum() / valid_seqs.sum().clamp(min=1)),
     }
     return ratio * new_mask, new_mask.to(mask_dtype), metrics
+
+
+def decoupled_is_weights(
+    old_log_probs: torch.Tensor,
+    rollout_log_probs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Decoupled PPO's behaviour weights pi_prox / pi_behaviour per token, untruncated.
+
+    With `cap`, tokens whose weight exceeds it are dropped from the mask (AReaL's
+    behav_imp_weight_cap) instead of being truncated, so a stale token cannot dominate the update.
+    Returns (weights, new_mask in the input mask's dtype, metrics: is_mean, is_max, is_capped_fraction).
+    """
+    if cap is not None and cap <= 0:
+        raise ValueError(f"decoupled PPO cap={cap} must be positive (or None for no cap)")
+    mask_dtype = mask.dtype
+    mask = mask.to(old_log_probs.dtype)
+    ratio = torch.exp(_log_ratio(old_log_probs, rollout_log_probs, mask, "token"))
+    capped = (ratio > cap).to(mask.dtype) if cap is not None else torch.zeros_like(mask)
+    new_mask = mask * (1 - capped)
+    metrics = {
+        "is_mean": float(masked_mean(ratio, new_mask)),
+        "is_max": float((ratio * mask).max()) if ratio.numel() else 0.0,
+        "is_capped_fraction": float(masked_mean(capped, mask)),
+    }
+    return ratio * new_mask, new_mask.to(mask_dtype), metrics
+
+
+@OFF_POLICY_CORRECTIONS.register("tis")
+def tis(
+    old_log_probs: torch.Tensor,
+    rollout_log_probs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    level: str = "token",
+    threshold: float = 2.0,
+    batch_normalize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Truncated IS (`truncated_is_weights`); the mask is unchanged."""
+    weights, metrics = truncated_is_weights(
+        old_log_probs,
+        rollout_log_probs,
+        mask,
+        level=level,
+        threshold=threshold,
+        batch_normalize=batch_normalize,
+    )
+    return weights, mask, metrics
+
+
+OFF_POLICY_CORRECTIONS.add("mis", masked_is)
+OFF_POLICY_CORRECTIONS.add("decoupled", decoupled_is_weights)

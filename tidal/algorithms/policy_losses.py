@@ -6,7 +6,8 @@ Every loss has one signature so the actor can pick it by name:
         -> (loss: scalar tensor, metrics: dict[str, float])
 
 `log_probs` [N, R] carry the gradient (current policy); `old_log_probs` are the behaviour/proximal
-policy's; `config` is an `ActorConfig` (clip_ratio_low/high, clip_ratio_c, loss_agg_mode);
+policy's; `config` is an `ActorConfig` (clip_ratio_low/high, clip_ratio_c, loss_agg_mode and the
+per-loss parameters such as sapo_tau_pos; every parameter is a config field, none is hard-coded);
 `denominator` is the global count for `aggregate_loss` (a `GlobalCounts` is safest: GSPO, SAPO and
 GMPO always aggregate per sequence whatever `loss_agg_mode` says, as verl does);
 `is_weights` [N, R] are optional off-policy importance weights (see `off_policy.py`), treated as
@@ -100,6 +101,7 @@ def gspo(
     s_i = exp(mean over the sequence of log ratio); each token uses sg[s_i] * pi / sg[pi] so the
     value is s_i and the gradient flows through every token's log-prob. Always aggregated with
     seq-mean-token-mean (verl). GSPO's clip ranges are tiny (e.g. 3e-4 / 4e-4): set them in config.
+    `is_weights` weight each token's gradient, so pair it with sequence-level TIS weights.
     """
     log_ratio = log_probs - old_log_probs
     lengths = response_mask.sum(dim=-1).clamp(min=1)
@@ -131,21 +133,19 @@ def sapo(
     config: ActorConfig,
     denominator: Denominator = None,
     is_weights: torch.Tensor | None = None,
-    tau_pos: float = 1.0,
-    tau_neg: float = 1.05,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """SAPO (arXiv 2511.20347): a smooth sigmoid gate on the ratio instead of a hard clip.
 
-    loss = -A * sigmoid(tau * (ratio - 1)) * 4 / tau, tau = tau_pos for A > 0 else tau_neg (verl's
-    defaults 1.0 / 1.05; bind others with functools.partial). The gate's slope at ratio 1 is 1, so
+    loss = -A * sigmoid(tau * (ratio - 1)) * 4 / tau, tau = config.sapo_tau_pos for A > 0 else
+    config.sapo_tau_neg (verl's defaults 1.0 / 1.05). The gate's slope at ratio 1 is 1, so
     on-policy it matches the plain policy gradient. Always aggregated with seq-mean-token-mean.
     """
     log_ratio = torch.clamp(log_probs - old_log_probs, min=-LOG_RATIO_BOUND, max=LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
     tau = torch.where(
         advantages > 0,
-        torch.as_tensor(tau_pos, dtype=advantages.dtype, device=advantages.device),
-        torch.as_tensor(tau_neg, dtype=advantages.dtype, device=advantages.device),
+        torch.as_tensor(config.sapo_tau_pos, dtype=advantages.dtype, device=advantages.device),
+        torch.as_tensor(config.sapo_tau_neg, dtype=advantages.dtype, device=advantages.device),
     )
     gates = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
     pg_losses = -gates * advantages

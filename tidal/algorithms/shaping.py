@@ -4,8 +4,8 @@ Every shaper has one signature so the program can apply a configured list of the
 
     fn(seq_reward [N], response_mask [N, R], *, group_ids, **params) -> (seq_reward [N], metrics)
 
-`seq_reward` is the sequence-level reward (the sum of `token_rewards`); the program writes the
-shaped value back (e.g. as the last valid token's reward). Lengths are `response_mask.sum(-1)`,
+`seq_reward` is the sequence-level reward (the sum of `token_rewards`); the program adds the change
+to the last valid token's reward (`add_at_last_token`). Lengths are `response_mask.sum(-1)`,
 the number of generated tokens. `group_ids` labels the prompt of each sample (shapers that do not
 compare samples ignore it). Shapers carry no gradient; metrics are python floats.
 
@@ -34,6 +34,20 @@ def response_lengths(seq_reward: torch.Tensor, response_mask: torch.Tensor) -> t
             f"{tuple(response_mask.shape)} must be [N, R] with the same N"
         )
     return response_mask.to(seq_reward.dtype).sum(dim=-1)
+
+
+def add_at_last_token(
+    token_rewards: torch.Tensor, delta: torch.Tensor, response_mask: torch.Tensor
+) -> torch.Tensor:
+    """token_rewards [N, R] with delta [N] added on each row's last valid token (the scorer puts a
+    sequence reward there), so shaping changes the sequence sum by exactly delta and keeps any
+    token-level rewards. A row without valid tokens has nowhere to take it and is unchanged."""
+    valid = response_mask > 0
+    last = response_mask.shape[-1] - 1 - valid.flip(dims=[-1]).to(torch.int64).argmax(dim=-1)
+    rows = torch.nonzero(valid.any(dim=-1)).squeeze(-1)
+    out = token_rewards.clone()
+    out[rows, last[rows]] += delta[rows].to(out.dtype)
+    return out
 
 
 @REWARD_SHAPERS.register("overlong")

@@ -54,10 +54,36 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
+def _user_path(loc: tuple[Any, ...], tree: dict[str, Any]) -> str:
+    """The dotted key a user writes for a pydantic error location.
+
+    pydantic inserts parts the user never writes: validator names ("function-after[...]") and the
+    tag of a discriminated union ("high_entropy" in algorithm.token_selection.high_entropy.top_ratio).
+    Walking the user's own tree drops every part that is not one of its keys or list indices.
+    """
+    parts: list[str] = []
+    node: Any = tree
+    for part in loc:
+        if str(part).startswith("function-after"):
+            continue
+        is_tag = isinstance(node, dict) and part not in node and part in node.values()
+        if is_tag:  # the union member chosen by the node's own "type" value
+            continue
+        parts.append(str(part))
+        node = node[part] if isinstance(node, dict | list) and _has(node, part) else None
+    return ".".join(parts)
+
+
+def _has(node: dict[str, Any] | list[Any], part: Any) -> bool:
+    if isinstance(node, dict):
+        return part in node
+    return isinstance(part, int) and 0 <= part < len(node)
+
+
 def _format_errors(err: ValidationError, tree: dict[str, Any]) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        loc = _user_path(e["loc"], tree)
         if e["type"] == "extra_forbidden":
             lines.append(
                 f"{loc}: unknown key (value {e['input']!r}); check the spelling against tidal/config/schema.py"

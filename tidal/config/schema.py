@@ -10,14 +10,10 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class StrictModel(BaseModel):
-    """Unknown keys are errors: a typo must never silently fall back to a default."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+from tidal.config.algorithm import AlgorithmConfig, KLControlConfig  # noqa: F401  (re-exported)
+from tidal.config.base import StrictModel
 
 # --------------------------------------------------------------------------------------- model
 
@@ -159,16 +155,60 @@ class TrainRoleConfig(StrictModel):
     gradient_checkpointing: bool = False
 
 
+# Parameters that only one policy loss reads: setting them for another loss is a mistake.
+LOSS_ONLY_PARAMS = {
+    "sapo": ("sapo_tau_pos", "sapo_tau_neg"),
+    "clip_cov": ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub"),
+    "kl_cov": ("kl_cov_ratio", "kl_cov_coef"),
+}
+
+
 class ActorConfig(TrainRoleConfig):
-    policy_loss: str = "vanilla"
-    clip_ratio_low: float = Field(0.2, ge=0)
-    clip_ratio_high: float = Field(0.2, ge=0)
+    policy_loss: str = Field("vanilla", description="name in POLICY_LOSSES (docs/algorithms.md)")
+    clip_ratio_low: float = Field(0.2, ge=0, description="PPO clip below: ratio >= 1 - clip_ratio_low")
+    clip_ratio_high: float = Field(0.2, ge=0, description="PPO clip above (DAPO clip-higher: 0.28)")
     clip_ratio_c: float = Field(3.0, gt=1, description="dual-clip constant for negative advantages")
-    loss_agg_mode: str = "token-mean"
+    loss_agg_mode: str = Field("token-mean", description="aggregation mode or TRL alias (bnpo, dr_grpo)")
     entropy_coeff: float = 0.0
+    sapo_tau_pos: float = Field(1.0, gt=0, description="SAPO gate temperature where A > 0")
+    sapo_tau_neg: float = Field(1.05, gt=0, description="SAPO gate temperature where A <= 0")
+    clip_cov_ratio: float = Field(2e-4, gt=0, le=1, description="Clip-Cov: fraction of tokens detached")
+    clip_cov_lb: float = Field(1.0, description="Clip-Cov: candidates have covariance above this")
+    clip_cov_ub: float = Field(5.0, description="Clip-Cov: candidates have covariance below this")
+    kl_cov_ratio: float = Field(2e-4, gt=0, le=1, description="KL-Cov: fraction of tokens penalised")
+    kl_cov_coef: float = Field(1.0, ge=0, description="KL-Cov: weight of the |log ratio| penalty")
     use_kl_loss: bool = False
-    kl_loss_coef: float = Field(0.001, ge=0)
-    kl_loss_type: str = "low_var_kl"
+    kl_loss_coef: float = Field(0.001, ge=0, description="KL-loss weight (KDRL: the start of the anneal)")
+    kl_loss_type: str = Field("low_var_kl", description="name in KL_ESTIMATORS (KDRL: k2)")
+    kl_loss_coef_end: float | None = Field(
+        None, ge=0, description="anneal kl_loss_coef linearly to this over kl_loss_anneal_steps (KDRL)"
+    )
+    kl_loss_anneal_steps: int = Field(0, ge=0, description="training steps of the kl_loss_coef anneal")
+    kl_loss_correct_threshold: float | None = Field(
+        None, description="KDRL reward-guided masking: no KL term on samples with reward >= this"
+    )
+
+    @model_validator(mode="after")
+    def _loss_params_match_the_loss(self) -> ActorConfig:
+        for loss, fields in LOSS_ONLY_PARAMS.items():
+            stray = [f for f in fields if f in self.model_fields_set]
+            if stray and self.policy_loss != loss:
+                raise ValueError(
+                    f"actor.{stray[0]} is set but actor.policy_loss={self.policy_loss!r} does not read it; "
+                    f"set actor.policy_loss={loss} or remove actor.{stray[0]}"
+                )
+        if self.clip_cov_lb >= self.clip_cov_ub:
+            raise ValueError(
+                f"actor.clip_cov_lb={self.clip_cov_lb} must be below actor.clip_cov_ub={self.clip_cov_ub}"
+            )
+        kl_fields = ("kl_loss_coef_end", "kl_loss_anneal_steps", "kl_loss_correct_threshold")
+        stray = [f for f in kl_fields if f in self.model_fields_set]
+        if stray and not self.use_kl_loss:
+            raise ValueError(
+                f"actor.{stray[0]} shapes the KL loss but actor.use_kl_loss=false; set actor.use_kl_loss=true "
+                f"or remove actor.{stray[0]}"
+            )
+        return self
 
 
 class CriticConfig(TrainRoleConfig):
@@ -210,21 +250,7 @@ class RewardConfig(StrictModel):
 # ------------------------------------------------------------------------------------ algorithm
 
 
-class KLControlConfig(StrictModel):
-    type: Literal["fixed", "adaptive"] = "fixed"
-    kl_coef: float = Field(0.001, ge=0)
-    target_kl: float = Field(0.1, gt=0)
-    horizon: int = Field(10000, ge=1)
-
-
-class AlgorithmConfig(StrictModel):
-    advantage_estimator: str = "grpo"
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(1.0, ge=0, le=1)
-    norm_adv_by_std_in_grpo: bool = True
-    use_kl_in_reward: bool = False
-    kl_penalty: str = "kl"
-    kl_ctrl: KLControlConfig = KLControlConfig()
+# Algorithm: tidal/config/algorithm.py (AlgorithmConfig and its plug-in sections).
 
 
 # -------------------------------------------------------------------------------------- trainer

@@ -131,9 +131,11 @@ class Job:
     def update_kl_ctrl(self, current_kl: float, num_samples: int) -> None:
         self.kl_ctrl.update(current_kl, num_samples)
 
-    def sync_weights(self, version: int) -> None:
-        self.groups[self._role_pool["actor"]].sync_weights("actor", "rollout", version)
+    def sync_weights(self, version: int) -> dict[str, float]:
+        """Actor -> rollout through the resharder on the actor's pool; rank 0's `weight_sync/` metrics."""
+        metrics = self.groups[self._role_pool["actor"]].sync_weights("actor", "rollout", version)
         self.version = version
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def _trained_roles(self) -> list[str]:

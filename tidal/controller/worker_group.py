@@ -4,7 +4,7 @@
     batch = group.rollout.generate(prompts)            # DP_SPLIT -> DistributedBatch (refs only)
     log_probs = group.actor.compute_log_probs(batch)   # each rank fetches its own rows
     metrics = group.actor.update(batch.union(log_probs))
-    group.sync_weights("actor", "rollout", version=1)  # in-process, colocated
+    group.sync_weights("actor", "rollout", version=1)  # colocated, through the resharder
 
 Every role of the pool is built in every worker process (colocation: they share the device and
 can hand tensors to each other). How a call is split and collected is declared on the role's
@@ -156,7 +156,9 @@ class WorkerGroup:
         return PendingCall(spec, ranks, refs, label=f"{role_cls.__name__}.{method}")
 
     def sync_weights(self, src_role: str, dst_role: str, version: int) -> dict[str, float]:
-        """Copy src's weights into dst on every rank, in process (both roles live in each worker)."""
+        """Move src's weights into dst on every rank at once, in process (both roles live in each
+        worker): resharded when src exports its shards (tidal/resharding/colocated.py). Returns
+        rank 0's metrics."""
         for name in (src_role, dst_role):
             self.role(name)
         return wait_all([w.sync_weights.remote(src_role, dst_role, version) for w in self.workers])[0]

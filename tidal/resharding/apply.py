@@ -18,7 +18,7 @@ import torch
 
 from tidal.resharding.layout import Box, LocalTensor, ParallelLayout, box_numel, box_slices
 from tidal.resharding.planner import Move, Plan
-from tidal.resharding.spec import ModelSpec
+from tidal.resharding.spec import Spec
 
 RankTensors = dict[str, torch.Tensor]
 
@@ -33,7 +33,7 @@ def _empty(tensors: tuple[LocalTensor, ...], dtype: torch.dtype) -> RankTensors:
 
 
 def materialize(
-    spec: ModelSpec, layout: ParallelLayout, rank: int, full: Mapping[str, torch.Tensor]
+    spec: Spec, layout: ParallelLayout, rank: int, full: Mapping[str, torch.Tensor]
 ) -> RankTensors:
     """The local tensors of `rank` cut from the full canonical tensors `full` (padding zero)."""
     tensors = layout.rank_tensors(spec, rank)
@@ -46,7 +46,7 @@ def materialize(
 
 
 def assemble(
-    spec: ModelSpec, layout: ParallelLayout, locals_by_rank: Mapping[int, Mapping[str, torch.Tensor]]
+    spec: Spec, layout: ParallelLayout, locals_by_rank: Mapping[int, Mapping[str, torch.Tensor]]
 ) -> RankTensors:
     """Rebuild every full canonical tensor from the local tensors of all ranks of `layout`."""
     shapes = spec.canonical_shapes()

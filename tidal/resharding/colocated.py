@@ -1,20 +1,29 @@
-"""Weight sync between two roles in the same process: hand the tensors over, no copy in transit.
+"""Weight sync between two roles of the same worker process (colocated on one pool).
 
-When the actor and the rollout engine share a worker process (colocated on one pool), the trainer
-exports full, Hugging Face-named tensors and the engine loads them directly: no file, no socket,
-no pickling. The engine copies into its own parameters; the tensors handed over may be views of
-the trainer's memory and are not kept.
+The worker calls `sync_weights(src.export_weights(), dst.load_weights, version)` on every rank of
+the pool at once. What the trainer exports decides how the weights move:
+
+- a `WeightSource` (its shards and layout: the FSDP actor): the engine role runs it through its
+  `Resharder` (sync.py): a cached plan moves only what each rank lacks, in-process copies for what
+  it holds, point-to-point for the rest, straight into the engine's parameters. `load_weights`
+  returns the executor's `SyncStats`.
+- (name, full tensor) pairs: handed to the engine as they are, no copy in transit (roles whose
+  weights are whole on every rank; the engine copies them into its own parameters).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict
 
 import torch
 
+from tidal.resharding.executor import SyncStats
+from tidal.resharding.sync import WeightSource
+
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
-LoadWeights = Callable[[NamedTensors, int], None]
+LoadWeights = Callable[[WeightSource | NamedTensors, int], SyncStats | None]
 
 
 class _Counted:
@@ -35,20 +44,33 @@ class _Counted:
         return name, tensor
 
 
-def sync_weights(weights: NamedTensors, load_weights: LoadWeights, version: int) -> dict[str, float]:
-    """Stream `weights` into `load_weights(weights, version)`; return size and time of the copy.
+def sync_weights(
+    weights: WeightSource | NamedTensors, load_weights: LoadWeights, version: int
+) -> dict[str, float]:
+    """Move `weights` into the engine through `load_weights(weights, version)`; return metrics.
 
-    Exporting full tensors from sharded training state is a collective (every rank gathers each
+    Full tensors exported from sharded state come from a collective (every rank gathers each
     tensor in the same order). If the loader stops early, the rest of the export is still drained
     here, so every rank runs the same sequence of collectives and none is left waiting.
     """
     start = time.perf_counter()
-    counted = _Counted(weights)
-    load_weights(counted, version)
-    for _ in counted:
-        pass
-    return {
-        "weight_sync/num_tensors": float(counted.num_tensors),
-        "weight_sync/bytes": float(counted.num_bytes),
-        "weight_sync/seconds": time.perf_counter() - start,
-    }
+    if isinstance(weights, WeightSource):
+        stats = load_weights(weights, version)
+        if not isinstance(stats, SyncStats):
+            raise TypeError(
+                f"load_weights got a WeightSource and must return the Resharder's SyncStats, not "
+                f"{type(stats).__name__}"
+            )
+        metrics = {f"weight_sync/{key}": float(value) for key, value in asdict(stats).items()}
+        metrics["weight_sync/reshard_s"] = metrics.pop("weight_sync/seconds")
+    else:
+        counted = _Counted(weights)
+        load_weights(counted, version)
+        for _ in counted:
+            pass
+        metrics = {
+            "weight_sync/num_tensors": float(counted.num_tensors),
+            "weight_sync/bytes": float(counted.num_bytes),
+        }
+    metrics["weight_sync/seconds"] = time.perf_counter() - start
+    return metrics

@@ -1,68 +1,52 @@
 """Runs one device's share of a resharding plan over a transport.
 
-Every device builds the same plan (it is pure and cached) and an executor for itself. A sync then:
-1. copies the rectangles a source rank on this device already holds into the target tensors;
-2. for each bucket, exchanges this device's messages with its peers through the transport: per
-   peer, the small rectangles packed into one buffer (plan order), then each large rectangle as a
-   message of its own. A large rectangle that is contiguous in memory (a TP shard of rows, say)
-   is sent from the source tensor and received into the target tensor as it is: no copy at all.
-   Only packed and strided rectangles (column blocks of row-parallel weights) are staged, and
-   unpacked into the target tensors after the exchange.
+Every device builds the same plan (it is pure and cached) and an executor for itself. A sync then
+goes bucket by bucket (the buffers of a bucket: messages.py), keeping two buckets on the wire
+where the transport allows it (`Transport.max_in_flight`):
+1. buckets k and k+1 are posted; meanwhile this device copies bucket k's share of the local
+   rectangles (those a source rank on this device already holds);
+2. wait for bucket k, unpack its staged rectangles, pack and post bucket k+2 (k+1 still moving).
+With one bucket in flight (CUDA IPC), bucket k+1 is packed while k moves and posted right after.
+Local copies are spread over the buckets by bytes, not done up front: a device whose target is
+mostly local would otherwise hold back its sends while it copies, and its peers would wait.
 
-One exchange is in flight at a time; meanwhile the next bucket is packed and the previous one
-unpacked, so the staging buffer has two halves, each the most this device stages in one bucket.
-With contiguous rectangles going direct, that is well under one bucket (`bucket_bytes`) for TP
-reshards. The staging buffer lives only during a sync unless `keep_staging` asks to reuse it.
+The staging buffer has two halves, one per bucket on the wire, each the most this device stages
+in one bucket; with contiguous rectangles going direct, that is well under one bucket
+(`bucket_bytes`) for TP reshards. It lives only during a sync unless `keep_staging` asks to reuse it.
 
 Target tensors are the caller's (an engine's parameters, or `allocate_targets()`): they are written
 in place, and padding elements (vocabulary rows no piece covers) are left as the caller has them.
+Sources may be held in another floating dtype than the plan's (fp32 master weights feeding a bf16
+engine: `src_dtype`); they are cast on the sender's side, so the wire carries the plan's dtype.
 
-`verify` (or `sync(..., verify=True)`) compares a positional checksum of every rectangle each target
-tensor received with the checksum of the source rectangle it came from, on the sender's side, so a
-wrong offset, a swapped pair of elements or a stale rectangle is found, not only a missing one.
+`verify` (or `sync(..., verify=True)`) checks every target rectangle against its source
+(verify.py). `SyncStats` splits the time into local copies, packing, unpacking and waiting on the
+transport, so where a sync loses time against the wire can be read off.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from collections.abc import Mapping
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-from tidal.resharding.layout import Box, ParallelLayout, box_numel, box_slices
+from tidal.resharding.layout import ParallelLayout, box_slices
+from tidal.resharding.messages import (
+    DEFAULT_MIN_DIRECT_BYTES,
+    Bucket,
+    TensorsByRank,
+    copy_local,
+    device_buckets,
+    pack,
+    unpack,
+)
 from tidal.resharding.planner import Move, Plan
-from tidal.resharding.transports.base import Transport
+from tidal.resharding.transports.base import Buffers, Transport
+from tidal.resharding.verify import VerifyReport, verify_sync
 
-RankTensors = Mapping[str, torch.Tensor]
-TensorsByRank = Mapping[int, RankTensors]
-
-DEFAULT_MIN_DIRECT_BYTES = 64 << 10  # smaller rectangles are packed: one message each would cost more
-_CHECKSUM_CHUNK = 1 << 22  # elements converted to int64 at a time while checksumming
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-@dataclass(frozen=True)
-class _Message:
-    """One buffer between this device and a peer: packed small rectangles, or one large rectangle.
-
-    Both ends cut a pair's moves into messages the same way (from the plan alone). Each end then
-    decides for itself whether its side of a one-rectangle message is the tensor's own memory
-    (`direct`: the rectangle is contiguous, so nothing is copied) or a slice of the staging buffer.
-    """
-
-    moves: tuple[Move, ...]
-    num_elements: int
-    direct: bool
-    offset: int  # into the staging buffer, when not direct
-
-
-@dataclass(frozen=True)
-class _Bucket:
-    sends: tuple[tuple[int, tuple[_Message, ...]], ...]  # (peer, its messages in order)
-    recvs: tuple[tuple[int, tuple[_Message, ...]], ...]
-    staged_elements: int
+__all__ = ["ReshardExecutor", "SyncStats"]
 
 
 @dataclass(frozen=True)
@@ -73,50 +57,12 @@ class SyncStats:
     local_copy_bytes: int
     num_buckets: int  # buckets this device took part in
     staging_bytes: int  # the extra memory of the sync: one staging buffer
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    num_checked: int  # rectangles compared (local copies and received ones)
-    mismatches: tuple[str, ...]  # one line per rectangle whose checksum differs from its source
-
-    @property
-    def ok(self) -> bool:
-        return not self.mismatches
-
-
-def _extents(box: Box) -> tuple[int, ...]:
-    return tuple(stop - start for start, stop in box)
-
-
-def is_contiguous(box: Box, shape: tuple[int, ...]) -> bool:
-    """Whether `box` of a row-major tensor of `shape` is one contiguous run of memory: after its
-    first dimension of extent > 1, every dimension is whole."""
-    spread = False
-    for (start, stop), n in zip(box, shape, strict=True):
-        if spread and (start, stop) != (0, n):
-            return False
-        spread = spread or stop - start > 1
-    return True
-
-
-def checksum(rect: torch.Tensor) -> torch.Tensor:
-    """A position-weighted sum of the raw bits of `rect` (int64, wrapping): equal contents in
-    row-major order give equal sums on any device, and moving an element changes the sum."""
-    bits = rect.view(_INT_OF_SIZE[rect.element_size()])
-    while bits.dim() > 1 and bits.shape[0] == 1:  # a stacking index: chunk along the real rows
-        bits = bits[0]
-    if bits.dim() == 0:
-        bits = bits.reshape(1)
-    num_rows = bits.shape[0]
-    per_row = bits.numel() // max(num_rows, 1)
-    step = max(1, _CHECKSUM_CHUNK // max(per_row, 1))
-    total = torch.zeros((), dtype=torch.int64, device=rect.device)
-    for r0 in range(0, num_rows, step):
-        x = bits[r0 : r0 + step].reshape(-1).to(torch.int64)
-        pos = torch.arange(r0 * per_row, r0 * per_row + x.numel(), device=rect.device)
-        total += (x * (pos % 65521 + 1)).sum()
-    return total
+    # Where the time went on this device (the rest is the executor's own bookkeeping):
+    local_copy_s: float = 0.0  # copying rectangles already on this device
+    pack_s: float = 0.0  # staging outgoing rectangles (strided, small, or cast)
+    unpack_s: float = 0.0  # staged incoming rectangles into the targets
+    post_s: float = 0.0  # handing buffers to the transport
+    wait_s: float = 0.0  # blocked until the transport finished a bucket
 
 
 class ReshardExecutor:
@@ -133,6 +79,7 @@ class ReshardExecutor:
         transport: Transport,
         keep_staging: bool = False,
         min_direct_bytes: int = DEFAULT_MIN_DIRECT_BYTES,
+        src_dtype: torch.dtype | None = None,
     ):
         devices = (*plan.placement.src_devices, *plan.placement.dst_devices)
         if max(devices) >= transport.world_size:
@@ -144,54 +91,29 @@ class ReshardExecutor:
         self.transport = transport
         self.device = transport.rank
         self.keep_staging = keep_staging
+        self.dtype = plan.spec.torch_dtype
+        self.src_dtype = self.dtype if src_dtype is None else src_dtype
+        if not (self.src_dtype.is_floating_point or self.src_dtype == self.dtype):
+            raise ValueError(
+                f"src_dtype={self.src_dtype} can only differ from the plan's dtype {self.dtype} when "
+                "both are floating point (the sender casts)"
+            )
         src_dev, dst_dev = plan.placement.src_devices, plan.placement.dst_devices
         self.src_ranks = tuple(r for r, d in enumerate(src_dev) if d == self.device)
         self.dst_ranks = tuple(r for r, d in enumerate(dst_dev) if d == self.device)
-        ops = plan.device_ops(self.device)
-        self._local_copies = ops.local_copies
-        spec = plan.spec
-        src_shapes = {(r, t.name): t.shape for r in self.src_ranks for t in plan.src.rank_tensors(spec, r)}
-        dst_shapes = {(r, t.name): t.shape for r in self.dst_ranks for t in plan.dst.rank_tensors(spec, r)}
-        buckets = []
-        for sends, recvs in zip(ops.sends, ops.recvs, strict=True):
-            if not sends and not recvs:
-                continue
-            staged = 0
-            sides = []
-            for moves, peer_of, direct in (
-                (
-                    sends,
-                    lambda m: dst_dev[m.dst_rank],
-                    lambda m: is_contiguous(m.src_box, src_shapes[(m.src_rank, m.src_tensor)]),
-                ),
-                (
-                    recvs,
-                    lambda m: src_dev[m.src_rank],
-                    lambda m: is_contiguous(m.dst_box, dst_shapes[(m.dst_rank, m.dst_tensor)]),
-                ),
-            ):
-                by_peer: defaultdict[int, list[Move]] = defaultdict(list)
-                for m in moves:
-                    by_peer[peer_of(m)].append(m)
-                side = []
-                for peer, ms in sorted(by_peer.items()):
-                    messages = []
-                    for group, is_direct in _cut(ms, min_direct_bytes, direct):
-                        n = sum(box_numel(m.src_box) for m in group)
-                        messages.append(_Message(group, n, is_direct, staged))
-                        staged += 0 if is_direct else n
-                    side.append((peer, tuple(messages)))
-                sides.append(tuple(side))
-            buckets.append(_Bucket(sides[0], sides[1], staged))
-        self._buckets = tuple(buckets)
-        self._elem = spec.element_size
-        self._staging_elements = max((b.staged_elements for b in self._buckets), default=0)
+        self.local_copies: tuple[Move, ...] = plan.device_ops(self.device).local_copies
+        self.buckets: tuple[Bucket, ...] = device_buckets(
+            plan, self.device, min_direct_bytes, send_direct=self.src_dtype == self.dtype
+        )
+        self._copy_shares = _spread(self.local_copies, max(1, len(self.buckets)))
+        self._elem = plan.spec.element_size
+        self._staging_elements = max((b.staged_elements for b in self.buckets), default=0)
         self._staging: torch.Tensor | None = None
 
     @property
     def received_moves(self) -> tuple[Move, ...]:
         """The rectangles this device receives, in the order they arrive."""
-        return tuple(m for b in self._buckets for _, msgs in b.recvs for msg in msgs for m in msg.moves)
+        return tuple(m for b in self.buckets for _, msgs in b.recvs for msg in msgs for m in msg.moves)
 
     @property
     def staging_bytes(self) -> int:
@@ -200,10 +122,10 @@ class ReshardExecutor:
 
     def allocate_targets(self) -> dict[int, dict[str, torch.Tensor]]:
         """Zero-filled target tensors of every target rank on this device (padding reads 0)."""
-        spec, dtype = self.plan.spec, self.plan.spec.torch_dtype
+        spec = self.plan.spec
         return {
             r: {
-                t.name: torch.zeros(t.shape, dtype=dtype, device=self.transport.device)
+                t.name: torch.zeros(t.shape, dtype=self.dtype, device=self.transport.device)
                 for t in self.plan.dst.rank_tensors(spec, r)
             }
             for r in self.dst_ranks
@@ -213,45 +135,58 @@ class ReshardExecutor:
 
     def sync(self, sources: TensorsByRank, targets: TensorsByRank, verify: bool = False) -> SyncStats:
         """Move this device's share of the plan; every device of the placement must call it."""
-        self._check(sources, self.plan.src, self.src_ranks, "source")
-        self._check(targets, self.plan.dst, self.dst_ranks, "target")
-        start = time.perf_counter()
-        # Two halves of the staging buffer: bucket k+1 is packed, and bucket k-1 unpacked, while
-        # bucket k is on the wire (one exchange in flight at a time, so messages cannot mix).
+        self._check(sources, self.plan.src, self.src_ranks, self.src_dtype, "source")
+        self._check(targets, self.plan.dst, self.dst_ranks, self.dtype, "target")
+        clock = _Clock()
         staging = self._staging_buffer()
         halves = (staging[: self._staging_elements], staging[self._staging_elements :])
-        pending, unpack = None, []
-        nxt = self._prepare(0, sources, targets, halves[0]) if self._buckets else None
-        if not self._buckets:
-            self._copy_local(sources, targets)
-        for k in range(len(self._buckets)):
-            sends, recvs, to_unpack = nxt
-            pending = self.transport.start(sends, recvs)
-            if k == 0:  # while the first bucket is on the wire
-                self._copy_local(sources, targets)
-            for moves, buf in unpack:  # the previous bucket's staged rectangles
-                _unpack(moves, buf, targets)
-            if k + 1 < len(self._buckets):
-                nxt = self._prepare(k + 1, sources, targets, halves[(k + 1) % 2])
-            pending.wait()
-            unpack = to_unpack
-        for moves, buf in unpack:
-            _unpack(moves, buf, targets)
-        sent = sum(msg.num_elements for b in self._buckets for _, ms in b.sends for msg in ms) * self._elem
-        received = (
-            sum(msg.num_elements for b in self._buckets for _, ms in b.recvs for msg in ms) * self._elem
-        )
+        n = len(self.buckets)
+        # Two buckets on the wire at a time where the transport allows it: while one is waited
+        # for, the next is already moving, so this device's copies never leave the link idle.
+        depth = 2 if self.transport.max_in_flight >= 2 else 1
+        ready: dict[int, tuple] = {}  # bucket -> its prepared buffers (depth 1 packs one ahead)
+        flying: deque = deque()
+
+        def post(j: int) -> None:
+            sends, recvs, staged = (
+                ready.pop(j) if j in ready else self._prepare(j, sources, targets, halves[j % 2], clock)
+            )
+            with clock("post_s"):
+                flying.append((self.transport.start(sends, recvs), staged))
+
+        for j in range(min(depth, n)):
+            post(j)
+        for k in range(max(n, 1)):
+            with clock("local_copy_s"):
+                copy_local(self._copy_shares[k], sources, targets)
+            if k >= n:
+                break  # nothing to exchange: local copies only
+            if depth == 1 and k + 1 < n:  # pack the next bucket into the other half while k flies
+                ready[k + 1] = self._prepare(k + 1, sources, targets, halves[(k + 1) % 2], clock)
+            pending, staged = flying.popleft()
+            with clock("wait_s"):
+                pending.wait()
+            if depth == 1 and k + 1 < n:
+                post(k + 1)
+            with clock("unpack_s"):
+                for moves, buf in staged:
+                    unpack(moves, buf, targets)
+            if depth == 2 and k + 2 < n:
+                post(k + 2)  # into bucket k's half, free now that k is unpacked
         if not self.keep_staging:
             self._staging = None
         if self.transport.device.type == "cuda":
             torch.cuda.synchronize(self.transport.device)
         stats = SyncStats(
-            seconds=time.perf_counter() - start,
-            bytes_sent=sent,
-            bytes_received=received,
-            local_copy_bytes=sum(m.num_bytes for m in self._local_copies),
-            num_buckets=len(self._buckets),
+            seconds=clock.elapsed(),
+            bytes_sent=self._elem
+            * sum(msg.num_elements for b in self.buckets for _, ms in b.sends for msg in ms),
+            bytes_received=self._elem
+            * sum(msg.num_elements for b in self.buckets for _, ms in b.recvs for msg in ms),
+            local_copy_bytes=sum(m.num_bytes for m in self.local_copies),
+            num_buckets=len(self.buckets),
             staging_bytes=self.staging_bytes,
+            **clock.totals,
         )
         if verify:
             report = self.verify(sources, targets)
@@ -262,34 +197,36 @@ class ReshardExecutor:
                 )
         return stats
 
-    def _copy_local(self, sources: TensorsByRank, targets: TensorsByRank) -> None:
-        for m in self._local_copies:
-            src = sources[m.src_rank][m.src_tensor][box_slices(m.src_box)]
-            targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)].copy_(src.reshape(_extents(m.dst_box)))
+    def verify(self, sources: TensorsByRank, targets: TensorsByRank) -> VerifyReport:
+        """Checksum every target rectangle against its source; every device of the plan must call it."""
+        return verify_sync(self.transport, self.dtype, self.local_copies, self.buckets, sources, targets)
 
     def _staging_buffer(self) -> torch.Tensor:
         if self._staging is None:
             self._staging = torch.empty(
-                2 * self._staging_elements, dtype=self.plan.spec.torch_dtype, device=self.transport.device
+                2 * self._staging_elements, dtype=self.dtype, device=self.transport.device
             )
         return self._staging
 
-    def _prepare(self, k: int, sources: TensorsByRank, targets: TensorsByRank, staging: torch.Tensor):
+    def _prepare(
+        self, k: int, sources: TensorsByRank, targets: TensorsByRank, staging: torch.Tensor, clock: _Clock
+    ) -> tuple[Buffers, Buffers, list]:
         """Bucket k's send and receive buffers (packing what is staged) and what to unpack after."""
-        bucket = self._buckets[k]
+        bucket = self.buckets[k]
         sends: dict[int, list[torch.Tensor]] = {}
-        for peer, messages in bucket.sends:
-            sends[peer] = []
-            for msg in messages:
-                if msg.direct:
-                    m = msg.moves[0]
-                    buf = sources[m.src_rank][m.src_tensor][box_slices(m.src_box)].view(-1)
-                else:
-                    buf = staging[msg.offset : msg.offset + msg.num_elements]
-                    _pack(msg.moves, sources, buf)
-                sends[peer].append(buf.view(torch.uint8))
+        with clock("pack_s"):
+            for peer, messages in bucket.sends:
+                sends[peer] = []
+                for msg in messages:
+                    if msg.direct:
+                        m = msg.moves[0]
+                        buf = sources[m.src_rank][m.src_tensor][box_slices(m.src_box)].view(-1)
+                    else:
+                        buf = staging[msg.offset : msg.offset + msg.num_elements]
+                        pack(msg.moves, sources, buf)
+                    sends[peer].append(buf.view(torch.uint8))
         recvs: dict[int, list[torch.Tensor]] = {}
-        unpack = []
+        staged = []
         for peer, messages in bucket.recvs:
             recvs[peer] = []
             for msg in messages:
@@ -298,11 +235,18 @@ class ReshardExecutor:
                     buf = targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)].view(-1)
                 else:
                     buf = staging[msg.offset : msg.offset + msg.num_elements]
-                    unpack.append((msg.moves, buf))
+                    staged.append((msg.moves, buf))
                 recvs[peer].append(buf.view(torch.uint8))
-        return sends, recvs, unpack
+        return sends, recvs, staged
 
-    def _check(self, given: TensorsByRank, layout: ParallelLayout, ranks: tuple[int, ...], what: str) -> None:
+    def _check(
+        self,
+        given: TensorsByRank,
+        layout: ParallelLayout,
+        ranks: tuple[int, ...],
+        dtype: torch.dtype,
+        what: str,
+    ) -> None:
         spec = self.plan.spec
         for rank in ranks:
             if rank not in given:
@@ -314,10 +258,10 @@ class ReshardExecutor:
                 if t.name not in given[rank]:
                     raise ValueError(f"{what} rank {rank} lacks tensor {t.name!r} of {layout}")
                 got = given[rank][t.name]
-                if tuple(got.shape) != t.shape or got.dtype != spec.torch_dtype:
+                if tuple(got.shape) != t.shape or got.dtype != dtype:
                     raise ValueError(
                         f"{what} rank {rank} tensor {t.name} is {tuple(got.shape)} {got.dtype}; "
-                        f"{layout} expects {t.shape} {spec.torch_dtype}"
+                        f"{layout} expects {t.shape} {dtype}"
                     )
                 if got.device != self.transport.device:
                     raise ValueError(
@@ -330,74 +274,38 @@ class ReshardExecutor:
                         "itself (the executor reads and writes rectangles of its memory in place)"
                     )
 
-    # ---------------------------------------------------------------------------------- verify
 
-    def verify(self, sources: TensorsByRank, targets: TensorsByRank) -> VerifyReport:
-        """Checksum every target rectangle against its source; every device of the plan must call it."""
-        mismatches: list[str] = []
-        checked = 0
-        for m in self._local_copies:
-            src = sources[m.src_rank][m.src_tensor][box_slices(m.src_box)]
-            dst = targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)]
-            checked += 1
-            if int(checksum(src)) != int(checksum(dst)):
-                mismatches.append(_describe(m, "local copy"))
-        # The sender checksums what it holds; the receiver compares with what it got.
-        send_moves: defaultdict[int, list[Move]] = defaultdict(list)
-        recv_moves: defaultdict[int, list[Move]] = defaultdict(list)
-        for bucket in self._buckets:
-            for side, by_peer in ((bucket.sends, send_moves), (bucket.recvs, recv_moves)):
-                for peer, messages in side:
-                    by_peer[peer].extend(m for msg in messages for m in msg.moves)
-        sends = {
-            peer: [
-                torch.stack(
-                    [checksum(sources[m.src_rank][m.src_tensor][box_slices(m.src_box)]) for m in moves]
-                ).view(torch.uint8)
-            ]
-            for peer, moves in send_moves.items()
-        }
-        expected = {
-            peer: torch.empty(len(moves), dtype=torch.int64, device=self.transport.device)
-            for peer, moves in recv_moves.items()
-        }
-        self.transport.exchange(sends, {peer: [buf.view(torch.uint8)] for peer, buf in expected.items()})
-        for peer, moves in recv_moves.items():
-            for m, value in zip(moves, expected[peer].tolist(), strict=True):
-                checked += 1
-                got = checksum(targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)])
-                if int(got) != value:
-                    mismatches.append(_describe(m, f"from device {peer}"))
-        return VerifyReport(checked, tuple(mismatches))
-
-
-def _cut(moves: list[Move], min_direct_bytes: int, contiguous) -> list[tuple[tuple[Move, ...], bool]]:
-    """A pair's moves as messages: the small ones packed together first, then one per large move
-    (from the plan alone, so both ends agree), each with whether this end's side needs no copy."""
-    small = tuple(m for m in moves if m.num_bytes < min_direct_bytes)
-    out = [(small, False)] if small else []
-    out += [((m,), contiguous(m)) for m in moves if m.num_bytes >= min_direct_bytes]
-    return out
-
-
-def _pack(moves: tuple[Move, ...], sources: TensorsByRank, buf: torch.Tensor) -> None:
-    offset = 0
+def _spread(moves: tuple[Move, ...], parts: int) -> tuple[tuple[Move, ...], ...]:
+    """`moves` in order, cut into `parts` runs of about equal bytes (some may be empty)."""
+    total = sum(m.num_bytes for m in moves)
+    out: list[list[Move]] = [[] for _ in range(parts)]
+    done = 0
     for m in moves:
-        n = box_numel(m.src_box)
-        src = sources[m.src_rank][m.src_tensor][box_slices(m.src_box)]
-        buf[offset : offset + n].view(_extents(m.src_box)).copy_(src)
-        offset += n
+        # The run a move falls in is where its middle byte lies: large moves are never split.
+        index = min(parts - 1, (done + m.num_bytes // 2) * parts // max(total, 1))
+        out[index].append(m)
+        done += m.num_bytes
+    return tuple(tuple(run) for run in out)
 
 
-def _unpack(moves: tuple[Move, ...], buf: torch.Tensor, targets: TensorsByRank) -> None:
-    offset = 0
-    for m in moves:
-        n = box_numel(m.dst_box)
-        targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)].copy_(
-            buf[offset : offset + n].view(_extents(m.dst_box))
-        )
-        offset += n
+class _Clock:
+    """Wall time of a sync and of its named parts (`with clock("pack_s"): ...`)."""
 
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.totals = dict.fromkeys(("local_copy_s", "pack_s", "unpack_s", "post_s", "wait_s"), 0.0)
+        self._part = ""
+        self._t0 = 0.0
 
-def _describe(m: Move, how: str) -> str:
-    return f"target rank {m.dst_rank} {m.dst_tensor}{list(m.dst_box)} <- {m.canonical}{list(m.canon_box)} ({how})"
+    def __call__(self, part: str) -> _Clock:
+        self._part = part
+        return self
+
+    def __enter__(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.totals[self._part] += time.perf_counter() - self._t0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

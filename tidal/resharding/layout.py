@@ -24,7 +24,7 @@ import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from tidal.resharding.spec import ModelSpec, Shape
+from tidal.resharding.spec import ModelSpec, Shape, Spec
 
 Box = tuple[tuple[int, int], ...]  # per dimension: (start, stop), half open
 
@@ -231,13 +231,18 @@ class ParallelLayout:
             rank //= size
         return out
 
-    def rank_tensors(self, spec: ModelSpec, rank: int) -> tuple[LocalTensor, ...]:
+    def rank_tensors(self, spec: Spec, rank: int) -> tuple[LocalTensor, ...]:
         """The local tensors of `rank`, each with the canonical pieces it holds (cached)."""
+        if (self.format in ("megatron", "vllm") or self.fused_experts) and not isinstance(spec, ModelSpec):
+            raise ValueError(
+                f"{self} cuts or fuses tensors by heads, groups or experts and needs a ModelSpec "
+                f"(e.g. ModelSpec.from_hf_config), not a {type(spec).__name__}"
+            )
         return _rank_tensors(spec, self, rank)
 
 
 @functools.lru_cache(maxsize=4096)
-def _rank_tensors(spec: ModelSpec, layout: ParallelLayout, rank: int) -> tuple[LocalTensor, ...]:
+def _rank_tensors(spec: Spec, layout: ParallelLayout, rank: int) -> tuple[LocalTensor, ...]:
     coords = layout.coords(rank)
     if layout.format == "hf":
         return hf_tensors(spec, layout.fused_experts)
@@ -263,7 +268,7 @@ def _rank_tensors(spec: ModelSpec, layout: ParallelLayout, rank: int) -> tuple[L
 
 
 @functools.cache
-def hf_tensors(spec: ModelSpec, fused_experts: bool = False) -> tuple[LocalTensor, ...]:
+def hf_tensors(spec: Spec, fused_experts: bool = False) -> tuple[LocalTensor, ...]:
     """The full Hugging Face tensors; with `fused_experts`, experts as transformers>=5 keeps them."""
     out = []
     shapes = spec.canonical_shapes()

@@ -9,10 +9,11 @@ canonical tensors it needs and where each comes from:
 2. Otherwise a *transfer* from one of the source ranks holding it, chosen to balance the bytes
    each sending device puts on the wire (largest rectangles first, least-loaded sender wins,
    ties to the lowest rank).
-3. Transfers are split so none exceeds the bucket cap and packed first-fit into buckets: in one
-   bucket no device stages more than `bucket_bytes` (what it sends plus what it receives). An
-   executor runs buckets in order; within a bucket, the moves between one (sender, receiver)
-   pair are packed into one flat buffer in plan order.
+3. Transfers are split so none exceeds the bucket cap and packed into buckets: in one bucket no
+   device stages more than `bucket_bytes` (what it sends plus what it receives), and every link
+   carries about the same fraction of its bytes in every bucket (`_pack`). An executor runs
+   buckets in order; within a bucket, the moves between one (sender, receiver) pair travel as
+   one packed buffer of small rectangles plus one message per large one, in plan order.
 
 Every rectangle a target rank lacks (held by no source rank on its device) crosses a link exactly
 once, so the bytes moved equal the lower bound; the report shows both, plus the largest inbound
@@ -35,6 +36,7 @@ import functools
 import itertools
 from collections import defaultdict
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import NamedTuple
 
 from tidal.resharding.layout import (
@@ -47,7 +49,7 @@ from tidal.resharding.layout import (
     box_numel,
     to_local,
 )
-from tidal.resharding.spec import ModelSpec
+from tidal.resharding.spec import Spec
 
 DEFAULT_BUCKET_BYTES = 256 << 20
 
@@ -121,7 +123,7 @@ class DeviceOps:
 
 @dataclass(frozen=True)
 class Plan:
-    spec: ModelSpec
+    spec: Spec
     src: ParallelLayout
     dst: ParallelLayout
     placement: Placement
@@ -157,7 +159,7 @@ class _Need(NamedTuple):
 
 
 def make_plan(
-    spec: ModelSpec,
+    spec: Spec,
     src: ParallelLayout,
     dst: ParallelLayout,
     placement: Placement,
@@ -238,7 +240,7 @@ def make_plan(
 
 @functools.lru_cache(maxsize=32)
 def get_plan(
-    spec: ModelSpec,
+    spec: Spec,
     src: ParallelLayout,
     dst: ParallelLayout,
     placement: Placement,
@@ -289,21 +291,42 @@ def _split(box: Box, elem: int, cap: int) -> list[Box]:
 
 
 def _pack(transfers: list[Move], placement: Placement, cap: int) -> tuple[tuple[Move, ...], ...]:
-    """First-fit: each transfer goes to the first bucket where neither end exceeds `cap` staged bytes."""
+    """Buckets in which every link moves its share at the same pace, none staging over `cap` bytes.
+
+    Each (sending device, receiving device) pair's transfers form a stream in plan order. They are
+    interleaved by how far along its own stream each transfer lies, then packed first-fit (each to
+    the first bucket where neither end exceeds `cap`). So every bucket carries about the same
+    fraction of every pair's bytes: a device is never idle in one bucket and the bottleneck of the
+    next, and the time of a sync is close to that of its busiest device (not the sum, over
+    buckets, of whichever device is busiest in each).
+    """
+    src_dev, dst_dev = placement.src_devices, placement.dst_devices
+    pair_bytes: defaultdict[tuple[int, int], int] = defaultdict(int)
+    for m in transfers:
+        pair_bytes[(src_dev[m.src_rank], dst_dev[m.dst_rank])] += m.num_bytes
+    done: defaultdict[tuple[int, int], int] = defaultdict(int)
+    paced = []
+    for i, m in enumerate(transfers):
+        pair = (src_dev[m.src_rank], dst_dev[m.dst_rank])
+        # Exact rational position of the transfer's middle along its pair's stream (no floats:
+        # every rank must compute the same order).
+        paced.append((Fraction(2 * done[pair] + m.num_bytes, 2 * pair_bytes[pair]), i, m))
+        done[pair] += m.num_bytes
+    paced.sort(key=lambda x: x[:2])
     loads: list[defaultdict[int, int]] = []
     buckets: list[list[Move]] = []
-    for m in transfers:
-        src_dev, dst_dev = placement.src_devices[m.src_rank], placement.dst_devices[m.dst_rank]
+    for _, _, m in paced:
+        sd, dd = src_dev[m.src_rank], dst_dev[m.dst_rank]
         fits = (
             i
             for i, load in enumerate(loads)
-            if load[src_dev] + m.num_bytes <= cap and load[dst_dev] + m.num_bytes <= cap
+            if load[sd] + m.num_bytes <= cap and load[dd] + m.num_bytes <= cap
         )
         i = next(fits, len(buckets))
         if i == len(buckets):
             loads.append(defaultdict(int))
             buckets.append([])
-        loads[i][src_dev] += m.num_bytes
-        loads[i][dst_dev] += m.num_bytes
+        loads[i][sd] += m.num_bytes
+        loads[i][dd] += m.num_bytes
         buckets[i].append(m)
     return tuple(tuple(b) for b in buckets)

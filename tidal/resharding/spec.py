@@ -10,6 +10,7 @@ fused in memory; that fused form is just another layout (see `layout.py`, `fused
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,3 +184,64 @@ def _canonical_shapes(spec: ModelSpec) -> tuple[tuple[str, Shape], ...]:
     if not spec.tie_embeddings:
         out["lm_head.weight"] = (spec.vocab_size, spec.hidden_size)
     return tuple(out.items())
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Any model's canonical tensors by name and shape, without its structure.
+
+    The `hf` and `fsdp` layouts only hold whole tensors or row blocks of them, so they need
+    nothing more: with this spec an FSDP trainer feeds an engine holding full tensors for any
+    model transformers loads (the embedded engine), not only the families `ModelSpec` describes.
+    Megatron and vLLM layouts cut fused tensors by heads and groups and need a `ModelSpec`.
+    """
+
+    tensors: tuple[tuple[str, Shape], ...]  # checkpoint order: the order plans and buckets follow
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not self.tensors:
+            raise ValueError("TensorSpec.tensors is empty; pass the model's (name, shape) pairs")
+        names = [name for name, _ in self.tensors]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"TensorSpec.tensors names {twice[:3]} more than once; names must be unique")
+        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"TensorSpec.dtype={self.dtype!r} is not a torch dtype name (e.g. 'bfloat16')")
+
+    def __hash__(self) -> int:
+        return self._hash  # plans and layouts are cached on the spec: hash the long tuple once
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash((self.tensors, self.dtype))
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=self.torch_dtype).element_size()
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def canonical_shapes(self) -> dict[str, Shape]:
+        return dict(self.tensors)
+
+    def num_bytes(self) -> int:
+        return sum(_numel(s) for _, s in self.tensors) * self.element_size
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, torch.Tensor]) -> TensorSpec:
+        """The spec of a model's own tensors (`dict(model.named_parameters())`: tied ones once)."""
+        dtypes = {t.dtype for t in tensors.values()}
+        if len(dtypes) != 1:
+            raise ValueError(
+                f"TensorSpec.of: the tensors have dtypes {sorted(map(str, dtypes))}; the resharder "
+                "moves one dtype per model, so load the model in one dtype"
+            )
+        dtype = str(dtypes.pop()).removeprefix("torch.")
+        return cls(tuple((name, tuple(t.shape)) for name, t in tensors.items()), dtype)
+
+
+# What a plan is computed over: a structured model, or bare named tensors (hf and fsdp layouts only).
+Spec = ModelSpec | TensorSpec

@@ -1,8 +1,11 @@
 """Making experience: everything a policy update needs, from a batch of prompts.
 
-generate -> score -> (reference log-probs) -> (old log-probs) -> (values) -> advantages.
+generate -> score (-> dynamic sampling refill) -> (greedy baselines) -> (reference log-probs)
+-> (old log-probs) -> (values) -> advantages.
 Which optional stages run follows from the config (a critic only for estimators that need values,
-a reference only when a KL term is on), so GRPO and PPO share this and differ in their updates.
+a reference only when a KL term is on, greedy baselines for ReMax / PAR, the trainer's log-probs
+when a token selector or an off-policy correction reads them), so GRPO and PPO share this and
+differ in their updates.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from tidal.algorithms import DynamicSamplingQuota
 from tidal.controller.programs import stages
+from tidal.dataflow.batch import Batch
 from tidal.dataflow.distributed_batch import DistributedBatch
 
 if TYPE_CHECKING:
@@ -18,23 +23,64 @@ if TYPE_CHECKING:
 
 
 def make_experience(job: Job, step: int) -> tuple[DistributedBatch, dict[str, float]]:
-    prompts = job.train_loader.next_batch()
-
+    cfg = job.cfg
     start = time.perf_counter()
-    batch = stages.generate(job, prompts, step)
-    gen_s = time.perf_counter() - start
+    batch, prompts, metrics = sample(job, step)
 
-    batch, reward_metrics = stages.score(job, batch)
-    if job.cfg.reference_enabled:
+    if cfg.algorithm.needs_reward_baselines:
+        batch = stages.reward_baselines(job, prompts, batch)
+    if cfg.reference_enabled:
         batch = stages.reference_log_probs(job, batch)
-    if job.needs_old_log_probs:
+    if job.needs_old_log_probs or cfg.algorithm.needs_trainer_log_probs:
         batch = stages.old_log_probs(job, batch)
-    if job.cfg.critic_enabled:
+    if cfg.critic_enabled:
         batch = stages.values(job, batch)
-    batch, adv_metrics = stages.advantages(job, batch)
+    num_samples = len(batch)
+    batch, adv_metrics = stages.advantages(job, batch, step)
 
-    metrics = reward_metrics | adv_metrics
-    metrics["perf/gen_s"] = gen_s
+    metrics |= adv_metrics
     metrics["perf/experience_s"] = time.perf_counter() - start
-    metrics["perf/gen_tokens_per_s"] = adv_metrics["response/length_mean"] * len(batch) / max(gen_s, 1e-9)
+    tokens = adv_metrics["response/length_mean"] * num_samples
+    metrics["perf/gen_tokens_per_s"] = tokens / max(metrics["perf/gen_s"], 1e-9)
     return batch, metrics
+
+
+def generate_and_score(
+    job: Job, prompts: Batch, step: int, attempt: int = 0
+) -> tuple[DistributedBatch, dict[str, float]]:
+    """One generation round (the `attempt`-th of this step) and its rewards; perf/gen_s times generation."""
+    start = time.perf_counter()
+    batch = stages.generate(job, prompts, step, attempt)
+    gen_s = time.perf_counter() - start
+    batch, metrics = stages.score(job, batch)
+    return batch, metrics | {"perf/gen_s": gen_s}
+
+
+def sample(job: Job, step: int) -> tuple[DistributedBatch, Batch, dict[str, float]]:
+    """One step's scored groups and their prompts.
+
+    With `algorithm.dynamic_sampling` (DAPO), groups whose rewards do not vary are dropped and
+    more prompts are generated until trainer.prompts_per_step groups are in; the reward metrics
+    then cover every generated sample, not only the kept ones.
+    """
+    settings = job.cfg.algorithm.dynamic_sampling
+    if settings is None:
+        prompts = job.train_loader.next_batch()
+        batch, metrics = generate_and_score(job, prompts, step)
+        return batch, prompts, metrics
+
+    quota = DynamicSamplingQuota(job.cfg.trainer.prompts_per_step, settings.max_rounds)
+    batches, keeps, kept_prompts, round_metrics = [], [], [], []
+    while not quota.full:
+        prompts = job.train_loader.next_batch()
+        batch, metrics = generate_and_score(job, prompts, step, attempt=len(batches))
+        keep, kept_uids = stages.filter_groups(job, batch, quota)
+        batches.append(batch)
+        keeps.append(keep)
+        kept_prompts.append(prompts.index([i for i, uid in enumerate(prompts["uid"]) if uid in kept_uids]))
+        round_metrics.append(metrics)
+    metrics = {key: sum(m[key] for m in round_metrics) / len(round_metrics) for key in round_metrics[0]}
+    for key in ("reward/num_errors", "perf/gen_s"):  # totals, not means
+        metrics[key] = sum(m[key] for m in round_metrics)
+    metrics |= quota.metrics()
+    return stages.take_rows(job, batches, keeps), Batch.concat(kept_prompts), metrics

@@ -1,5 +1,9 @@
 """GRPO (critic-free): sample a group of responses per prompt, score them, and move the policy
-towards the responses that beat their group's average. Estimator and loss come from config."""
+towards the responses that beat their group's average.
+
+Everything else comes from config through the algorithm registries: the estimator, the loss, reward
+shaping, DAPO's dynamic sampling (`experience.sample` refills the step), sample and token
+selection, off-policy corrections."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ if TYPE_CHECKING:
 def grpo_step(job: Job, step: int) -> dict[str, float]:
     batch, metrics = make_experience(job, step)
     start = time.perf_counter()
-    metrics |= stages.update_actor(job, batch)
+    metrics |= stages.update_actor(job, batch, step)
     metrics["perf/update_s"] = time.perf_counter() - start
     return metrics
 

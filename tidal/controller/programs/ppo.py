@@ -19,7 +19,7 @@ def ppo_step(job: Job, step: int) -> dict[str, float]:
     start = time.perf_counter()
     # The critic learns from this step's returns; the actor update does not depend on it (verl's order).
     metrics |= stages.update_critic(job, batch)
-    metrics |= stages.update_actor(job, batch)
+    metrics |= stages.update_actor(job, batch, step)
     metrics["perf/update_s"] = time.perf_counter() - start
     return metrics
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+import torch
+
+from tidal.algorithms import DynamicSamplingQuota
+from tidal.controller.programs import batch_tasks
 from tidal.dataflow.batch import Batch
 from tidal.dataflow.distributed_batch import DistributedBatch
 
@@ -17,19 +21,66 @@ if TYPE_CHECKING:
     from tidal.controller.job import Job
 
 
-def generate(job: Job, prompts: Batch, step: int) -> DistributedBatch:
-    """prompts x n -> responses, response masks, behaviour log-probs, policy version."""
-    return job.rollout.generate(
-        prompts, seed=job.cfg.trainer.seed * 100_003 + step, policy_version=job.version
-    )
+def generate(job: Job, prompts: Batch, step: int, attempt: int = 0) -> DistributedBatch:
+    """prompts x n -> responses, response masks, behaviour log-probs, policy version.
+
+    `attempt` numbers the generation rounds of one step (dynamic sampling), each with its own seed.
+    """
+    seed = job.cfg.trainer.seed * 100_003 + step + attempt * 1_000_003
+    return job.rollout.generate(prompts, seed=seed, policy_version=job.version)
 
 
 def score(job: Job, batch: DistributedBatch) -> tuple[DistributedBatch, dict[str, float]]:
-    """Rule rewards in parallel Ray tasks; a failing sample is counted, scored 0, and the run goes on."""
+    """Rule rewards in parallel Ray tasks; a failing sample is counted, scored 0, and the run goes on.
+
+    With `algorithm.reward_combination` every component function scores the batch and one task
+    combines them (metrics reward/<name>/mean per component, reward/mean of the combination).
+    """
     from tidal.workers.rewards.scorer import score_in_parallel
 
-    rewards, metrics = score_in_parallel(batch, job.cfg.reward)
+    combination = job.cfg.algorithm.reward_combination
+    if combination is None:
+        rewards, metrics = score_in_parallel(batch, job.cfg.reward)
+        return batch.union(rewards), metrics
+    parts, metrics = [], {"reward/num_errors": 0.0}
+    for name in combination.components:
+        part, part_metrics = score_in_parallel(batch, job.cfg.reward.model_copy(update={"function": name}))
+        parts.append(part)
+        metrics[f"reward/{name}/mean"] = part_metrics["reward/mean"]
+        metrics["reward/num_errors"] += part_metrics["reward/num_errors"]
+    rewards, combined = job.run_task(
+        batch_tasks.combine_rewards, batch.select("response_mask"), parts, job.cfg
+    )
+    metrics |= combined | {"reward/mean": combined["reward_combination/mean"]}
     return batch.union(rewards), metrics
+
+
+def filter_groups(
+    job: Job, batch: DistributedBatch, quota: DynamicSamplingQuota
+) -> tuple[list[bool], set[str]]:
+    """DAPO dynamic sampling: rows of this round's kept groups (up to the quota) and their prompt uids.
+
+    The filter runs in a task; only its per-sample verdicts and the uids reach the driver.
+    """
+    _, keep, uids = job.run_task(batch_tasks.filter_groups, batch.select("seq_reward", "uid"), job.cfg)
+    take = quota.admit(torch.tensor(keep, dtype=torch.bool), uids).tolist()
+    return take, {uid for uid, taken in zip(uids, take) if taken}
+
+
+def take_rows(job: Job, batches: list[DistributedBatch], keeps: list[list[bool]]) -> DistributedBatch:
+    """The kept rows of several batches with the same columns, as one batch (in one Ray task)."""
+    return job.run_task(batch_tasks.keep_rows, batches[0], batches[1:], keeps)
+
+
+def reward_baselines(job: Job, prompts: Batch, batch: DistributedBatch) -> DistributedBatch:
+    """ReMax / PAR: add `reward_baselines`, the reward of the policy's greedy response to each prompt."""
+    greedy = job.cfg.rollout.sampling.model_copy(update={"temperature": 0.0, "n": 1})
+    responses = job.rollout.generate(prompts, sampling=greedy, seed=0, policy_version=job.version)
+    scored, _ = score(job, responses)
+    baselines = job.run_task(
+        batch_tasks.attach_baselines, batch.select("uid"), scored.select("uid", "seq_reward")
+    )
+    return batch.union(baselines)
 
 
 def reference_log_probs(job: Job, batch: DistributedBatch) -> DistributedBatch:
@@ -44,22 +95,29 @@ def values(job: Job, batch: DistributedBatch) -> DistributedBatch:
     return batch.union(job.critic.compute_values(batch))
 
 
-def advantages(job: Job, batch: DistributedBatch) -> tuple[DistributedBatch, dict[str, float]]:
-    """KL-in-reward (optional) then the configured estimator, in one Ray task over the whole step."""
+def advantages(job: Job, batch: DistributedBatch, step: int) -> tuple[DistributedBatch, dict[str, float]]:
+    """Shaping, KL-in-reward, the estimator, sample and token selection: one Ray task over the step.
+
+    Adds advantages, returns (and pg_mask / is_weights when configured); drops the rows that
+    `algorithm.sample_selection` does not keep.
+    """
     from tidal.controller.programs.advantage_task import compute_advantages
 
-    adv, metrics = job.run_task(compute_advantages, batch, job.cfg.algorithm, job.kl_ctrl_state())
+    adv, keep, metrics = job.run_task(compute_advantages, batch, job.cfg, job.kl_ctrl_state(), step)
     if "kl/in_reward" in metrics:
         job.update_kl_ctrl(metrics["kl/in_reward"], len(batch))
-    return batch.union(adv), metrics
+    batch = batch.union(adv)
+    if keep is not None and not all(keep):
+        batch = take_rows(job, [batch], [keep])
+    return batch, metrics
 
 
 def update_critic(job: Job, batch: DistributedBatch) -> dict[str, float]:
     return job.critic.update(batch)  # keys already prefixed `critic/`
 
 
-def update_actor(job: Job, batch: DistributedBatch) -> dict[str, float]:
-    return job.actor.update(batch)  # keys already prefixed `actor/`
+def update_actor(job: Job, batch: DistributedBatch, step: int) -> dict[str, float]:
+    return job.actor.update(batch, step=step)  # keys already prefixed `actor/`
 
 
 def sync_weights(job: Job, version: int) -> dict[str, float]:

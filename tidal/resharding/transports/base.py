@@ -9,7 +9,9 @@ or layouts. Buffers are uint8 so that a transport never depends on whether its b
 the model's dtype (gloo and bfloat16, say).
 
 `start` posts every send and receive of one bucket and returns at once; `Pending.wait` returns
-when all of them are done: the received buffers are filled and the sent ones may be reused.
+when all of them are done: the received buffers are filled and the sent ones may be reused. Up to
+`max_in_flight` calls may be outstanding (posted, not yet waited), waited in the order they were
+made; between one pair of devices, messages are matched in the order both ends posted them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class Done(Pending):
 
 class Transport(ABC):
     """Moves contiguous uint8 buffers between the devices (ranks 0..world_size-1) of one group."""
+
+    # Outstanding `start` calls allowed: two let an executor keep the next bucket on the wire
+    # while it finishes the previous one, so the link never waits for this device's copies.
+    max_in_flight: int = 2
 
     def __init__(self, rank: int, world_size: int, device: torch.device):
         if not 0 <= rank < world_size:

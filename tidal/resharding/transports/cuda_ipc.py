@@ -40,6 +40,8 @@ class _Acks(Pending):
 class CudaIpcTransport(Transport):
     """Exchange through CUDA IPC-mapped arenas; `group` must be a gloo group of the same ranks."""
 
+    max_in_flight = 1  # one arena: the next call would overwrite what peers may still be reading
+
     def __init__(self, capacity_bytes: int, group: dist.ProcessGroup | None = None):
         if not torch.cuda.is_available():
             raise ValueError("CudaIpcTransport needs a CUDA device; on CPU use TorchP2PTransport (gloo)")

@@ -11,10 +11,14 @@ Peers are ranks of `group` (the default group when None), the devices of the pla
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 import torch.distributed as dist
 
 from tidal.resharding.transports.base import Buffers, Done, Pending, Transport
+
+_TAG_WRAP = 1 << 30  # tags stay positive 32-bit ints; far more messages than ever in flight
 
 
 class _Works(Pending):
@@ -27,38 +31,53 @@ class _Works(Pending):
 
 
 class TorchP2PTransport(Transport):
-    """isend/irecv over an initialised process group (gloo or nccl)."""
+    """isend/irecv over an initialised process group (gloo or nccl).
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
+    `device` picks the buffers' device where the group has both backends ("cpu:gloo,cuda:nccl",
+    as Tidal's workers on GPUs create it); by default it follows the group's backend.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | str | None = None):
         if not dist.is_initialized():
             raise ValueError(
                 "TorchP2PTransport needs torch.distributed initialised "
                 "(dist.init_process_group('gloo' or 'nccl', ...)) before it is built"
             )
         self.group = group
-        self.backend = dist.get_backend(group)
-        if self.backend == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        elif self.backend == "gloo":
-            device = torch.device("cpu")
-        else:
-            raise ValueError(f"TorchP2PTransport supports backends 'gloo' and 'nccl', not {self.backend!r}")
+        self.backend = str(dist.get_backend(group))
+        if device is None:
+            device = "cuda" if "nccl" in self.backend else "cpu"
+        device = torch.device(device)
+        if device.type == "cuda":
+            device = torch.device(
+                "cuda", torch.cuda.current_device() if device.index is None else device.index
+            )
+        needed = {"cpu": "gloo", "cuda": "nccl"}.get(device.type)
+        if needed is None or needed not in self.backend:
+            raise ValueError(
+                f"TorchP2PTransport on {device} needs a group with backend {needed or 'gloo or nccl'}; "
+                f"this group's backend is {self.backend!r}"
+            )
         super().__init__(dist.get_rank(group), dist.get_world_size(group), device)
-        if self.backend == "nccl":
+        self._sent: defaultdict[int, int] = defaultdict(int)  # messages posted to each peer so far
+        self._received: defaultdict[int, int] = defaultdict(int)  # ... and from each peer
+        if device.type == "cuda":
             # NCCL creates its communicator lazily, and a first batched p2p call that only some ranks
             # join would hang (torch's documented caveat): make the first call a collective of all.
             dist.barrier(group=group, device_ids=[device.index])
 
     def _start(self, sends: Buffers, recvs: Buffers) -> Pending:
-        # The i-th buffer between a pair gets tag i: gloo matches messages by (peer, tag), so the
-        # pairing cannot depend on arrival order; NCCL ignores tags and keeps issue order per pair.
-        ops = [
-            dist.P2POp(op, buf, group=self.group, tag=i, group_peer=peer)
-            for op, buffers in ((dist.isend, sends), (dist.irecv, recvs))
-            for peer, bufs in sorted(buffers.items())
-            for i, buf in enumerate(bufs)
-            if buf.numel()
-        ]
+        # Each message gets the count of messages posted before it between the same pair in the same
+        # direction as its tag. Both ends count alike, so gloo, which matches messages by (peer, tag),
+        # pairs them right even with two calls in flight; NCCL ignores tags and keeps issue order.
+        ops = []
+        for op, buffers, counts in ((dist.isend, sends, self._sent), (dist.irecv, recvs, self._received)):
+            for peer, bufs in sorted(buffers.items()):
+                for buf in bufs:
+                    if buf.numel():
+                        tag = counts[peer] % _TAG_WRAP
+                        counts[peer] += 1
+                        ops.append(dist.P2POp(op, buf, group=self.group, tag=tag, group_peer=peer))
         if not ops:
             return Done()
         return _Works(dist.batch_isend_irecv(ops))

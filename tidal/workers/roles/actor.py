@@ -21,9 +21,12 @@ from functools import partial
 
 import torch
 
-from tidal.algorithms import KL_ESTIMATORS, POLICY_LOSSES, GlobalCounts, aggregate_loss, masked_mean
+from tidal.algorithms import POLICY_LOSSES, GlobalCounts
+from tidal.algorithms.objective import actor_objective, kl_loss_coef, pg_share, pg_share_counts
 from tidal.config.schema import JobConfig
 from tidal.dataflow.batch import Batch
+from tidal.resharding.fsdp_source import fsdp_source
+from tidal.resharding.sync import WeightSource
 from tidal.workers.context import WorkerContext
 from tidal.workers.endpoint import Collect, Dispatch, endpoint
 from tidal.workers.engines.fsdp import (
@@ -36,6 +39,8 @@ from tidal.workers.engines.fsdp import (
 )
 
 SEQUENCE_COLUMNS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+# Written by the advantage task when token selection or an off-policy correction is configured.
+POLICY_GRADIENT_COLUMNS = ("pg_mask", "is_weights")
 
 
 def log_prob_temperature(cfg: JobConfig) -> float:
@@ -76,8 +81,7 @@ class ActorRole:
             param_dtype=compute_param_dtype(cfg),
         )
         self.temperature = log_prob_temperature(cfg)
-        self.policy_loss = POLICY_LOSSES.get(actor.policy_loss)
-        self.kl_estimator = KL_ESTIMATORS.get(actor.kl_loss_type) if actor.use_kl_loss else None
+        POLICY_LOSSES.get(actor.policy_loss)  # an unknown name fails here, not mid-update
 
     @endpoint(Dispatch.DP_SPLIT)
     def compute_log_probs(self, batch: Batch) -> Batch:
@@ -92,28 +96,38 @@ class ActorRole:
         return Batch.from_dict({"old_log_probs": log_probs, "entropy": entropy})
 
     @endpoint(Dispatch.DP_SPLIT, collect=Collect.FIRST)
-    def update(self, batch: Batch) -> dict[str, float]:
+    def update(self, batch: Batch, step: int = 0) -> dict[str, float]:
         """Policy update on this step's data; metrics (prefixed `actor/`) are the same on every rank.
 
-        Without an `old_log_probs` column the update is on-policy (module docstring).
+        Without an `old_log_probs` column the update is on-policy (module docstring). `step`, the
+        training step, drives the KL-coefficient anneal (actor.kl_loss_coef_end, KDRL).
         """
         actor = self.cfg.actor
         on_policy = "old_log_probs" not in batch
         if on_policy:
             self._check_on_policy()
         keys = SEQUENCE_COLUMNS + ("advantages",) + (() if on_policy else ("old_log_probs",))
+        keys += tuple(key for key in POLICY_GRADIENT_COLUMNS if key in batch)
         if actor.use_kl_loss:
             keys += ("ref_log_probs",)
+            if actor.kl_loss_correct_threshold is not None:
+                keys += ("seq_reward",)
+        share = self._pg_share(batch) if "pg_mask" in batch else None
+        loss_fn = partial(self._loss, on_policy=on_policy, kl_coef=kl_loss_coef(actor, step), share=share)
         metrics = self.engine.train(
             columns_of(batch, keys, "actor.update"),
             num_mini_batches=self.cfg.sizes.num_mini_batches,
             micro_batch_size=actor.micro_batch_size_per_rank,
             epochs=actor.epochs,
-            loss_fn=partial(self._loss, on_policy=on_policy),
+            loss_fn=loss_fn,
             temperature=self.temperature,
             with_entropy=True,
         )
         return {f"actor/{key}": value for key, value in metrics.items()}
+
+    def _pg_share(self, batch: Batch) -> tuple[float, float]:
+        """How much of the step `pg_mask` keeps, over all ranks (tidal.algorithms.objective)."""
+        return pg_share(self.engine.all_reduce(pg_share_counts(batch["pg_mask"], batch["response_mask"])))
 
     def _check_on_policy(self) -> None:
         sizes, actor = self.cfg.sizes, self.cfg.actor
@@ -134,33 +148,31 @@ class ActorRole:
         counts: GlobalCounts,
         *,
         on_policy: bool,
+        kl_coef: float,
+        share: tuple[float, float] | None,
     ) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
-        actor = self.cfg.actor
         log_probs, entropy = outputs
-        mask = micro["response_mask"]
-        old_log_probs = log_probs.detach() if on_policy else micro["old_log_probs"]
-        pg_loss, pg_metrics = self.policy_loss(
-            log_probs, old_log_probs, micro["advantages"], mask, config=actor, denominator=counts
+        return actor_objective(
+            log_probs,
+            entropy,
+            micro,
+            counts,
+            self.cfg.actor,
+            on_policy=on_policy,
+            kl_coef=kl_coef,
+            share=share,
         )
-        loss = pg_loss
-        sums = {"pg_loss": float(pg_loss.detach())}
-        means = dict(pg_metrics)
-        means["entropy"] = float(masked_mean(entropy.detach(), mask))
-        if actor.entropy_coeff != 0:
-            entropy_loss = aggregate_loss(entropy, mask, actor.loss_agg_mode, counts)
-            loss = loss - actor.entropy_coeff * entropy_loss
-            sums["entropy_loss"] = float(entropy_loss.detach())
-        if self.kl_estimator is not None:
-            kl = self.kl_estimator(log_probs, micro["ref_log_probs"])
-            kl_loss = aggregate_loss(kl, mask, actor.loss_agg_mode, counts)
-            loss = loss + actor.kl_loss_coef * kl_loss
-            sums["kl_loss"] = float(kl_loss.detach())
-            means["kl"] = float(masked_mean(kl.detach(), mask))
-        sums["loss"] = float(loss.detach())
-        return loss, sums, means
 
-    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full Hugging Face-named tensors, one at a time (a collective: every rank iterates it all)."""
+    def export_weights(self) -> WeightSource:
+        """This rank's FSDP shards as the source of a weight sync (no gather, no copy).
+
+        The rollout resharder moves only what each rank lacks. Iterating the source instead
+        yields full Hugging Face-named tensors, one at a time (a collective: every rank iterates
+        it all).
+        """
+        return fsdp_source(self.engine.module, strip_prefix="lm.", gather_full=self._full_weights)
+
+    def _full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in self.engine.full_state_dict():
             yield name.removeprefix("lm."), tensor
 

@@ -3,7 +3,8 @@
 Each data-parallel rank generates for its own share of the prompts. Randomness comes from a
 torch.Generator seeded from (seed, dp_rank), so a step's rollouts are reproducible for a fixed
 seed and worker layout. Weights arrive in-process from the colocated actor through
-`load_weights`; every sample is stamped with the version of the weights that produced it.
+`load_weights`, resharded from the actor's shards (tidal/resharding/sync.py); every sample is
+stamped with the version of the weights that produced it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import torch
 
 from tidal.config.schema import JobConfig, SamplingConfig
 from tidal.dataflow.batch import Batch
+from tidal.resharding.executor import SyncStats
+from tidal.resharding.layout import ParallelLayout
+from tidal.resharding.spec import TensorSpec
+from tidal.resharding.sync import Resharder, WeightSource, WeightTarget
 from tidal.workers.context import WorkerContext
 from tidal.workers.endpoint import Dispatch, endpoint
 from tidal.workers.engines.embedded.engine import EmbeddedEngine
@@ -35,6 +40,8 @@ class RolloutRole:
         )
         self.stop_token_ids = sorted(set(self.engine.eos_token_ids) | set(cfg.rollout.stop_token_ids))
         self.weights_version = 0
+        # Plans and executors are kept across steps; built at the first sync (a collective).
+        self.resharder = Resharder()
 
     @endpoint(Dispatch.DP_SPLIT)
     def generate(
@@ -87,10 +94,30 @@ class RolloutRole:
         )
         return batch.repeat(sampling.n, interleave=True).union(responses)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """In-process weight sync from the colocated trainer (HF names, full tensors)."""
-        self.engine.load_weights(weights)
+    def load_weights(
+        self, weights: WeightSource | Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> SyncStats | None:
+        """In-process weight sync from the colocated trainer; the engine serves `version` next.
+
+        A `WeightSource` (the trainer's shards) goes through this rank's resharder straight into
+        the engine's parameters (every rank of the pool calls this at once); (name, full tensor)
+        pairs are copied in. Returns the resharder's SyncStats, or None for full tensors.
+        """
+        stats = None
+        if isinstance(weights, WeightSource):
+            stats = self.engine.load_weights_in_place(
+                lambda params: self.resharder.sync(weights, self._target(params))
+            )
+        else:
+            self.engine.load_weights(weights)
         self.weights_version = version
+        return stats
+
+    def _target(self, params: dict[str, torch.Tensor]) -> WeightTarget:
+        """The embedded engine holds a full replica on every rank: the `hf` layout, dp = ranks."""
+        return WeightTarget(
+            TensorSpec.of(params), ParallelLayout.hf(dp=self.ctx.dp_size), self.ctx.dp_rank, params
+        )
 
 
 def _pad_right(x: torch.Tensor, width: int, value: float) -> torch.Tensor:

@@ -8,9 +8,9 @@ cache. Prompts arrive left-padded; every row decodes until it emits a stop token
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypeVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -21,6 +21,7 @@ from tidal.workers.engines.embedded.linear import packing_available
 from tidal.workers.engines.embedded.sampling import sample_next
 
 Impl = Literal["auto", "fast", "hf"]
+T = TypeVar("T")
 
 
 class Generation(NamedTuple):
@@ -211,6 +212,18 @@ class EmbeddedEngine:
             count += 1
         self.forward.refresh()
         return count
+
+    @torch.no_grad()
+    def load_weights_in_place(self, write: Callable[[dict[str, torch.Tensor]], T]) -> T:
+        """Let `write` fill the model's parameters in place, then re-read what the forward keeps
+        fused or packed; returns what `write` returns.
+
+        `write` gets the parameters by Hugging Face name (tied ones once, under their first name):
+        a resharder writes the trainer's shards straight into them, with no staging copy.
+        """
+        result = write(dict(self.model.named_parameters()))
+        self.forward.refresh()
+        return result
 
     # ------------------------------------------------------------------ helpers
 

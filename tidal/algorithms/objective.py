@@ -1,0 +1,119 @@
+"""The actor's objective on one micro-batch: policy gradient, entropy bonus and KL loss.
+
+    loss = pg_loss(on pg_mask, weighted by is_weights) - entropy_coeff * H + kl_coef * KL(pi || ref)
+
+A pure function of tensors and the actor config, so the worker only runs it and tests check it
+without processes. The policy loss and the KL estimator are picked by name from the registries
+(`actor.policy_loss`, `actor.kl_loss_type`); a new loss never touches this file or a worker.
+
+Normalisation: every term divides by the GLOBAL counts of the mini-batch (`aggregation.py`). When
+the advantage task restricted the policy gradient to `pg_mask` (token selection, masked importance
+sampling), the engine's counts still describe `response_mask`; `pg_share` (from `pg_share_counts`
+summed over the step) scales them to the counts of `pg_mask`: exactly when the step is one
+mini-batch, in expectation over mini-batches otherwise. The entropy and KL terms keep the full mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from tidal.algorithms.aggregation import GlobalCounts, aggregate_loss
+from tidal.algorithms.distill import kdrl_beta, kdrl_kl_loss
+from tidal.algorithms.masked import masked_mean
+from tidal.algorithms.policy_losses import POLICY_LOSSES
+
+if TYPE_CHECKING:
+    from tidal.config.schema import ActorConfig
+
+
+def pg_share_counts(pg_mask: torch.Tensor, response_mask: torch.Tensor) -> list[float]:
+    """[pg tokens, valid tokens, sequences with pg tokens, non-empty sequences] of a batch piece;
+    sum them over all pieces of the step, then `pg_share` = (tokens ratio, sequences ratio)."""
+    return [
+        float(pg_mask.sum()),
+        float(response_mask.sum()),
+        float((pg_mask.sum(-1) > 0).sum()),
+        float((response_mask.sum(-1) > 0).sum()),
+    ]
+
+
+def pg_share(totals: list[float]) -> tuple[float, float]:
+    pg_tokens, tokens, pg_seqs, seqs = totals
+    return pg_tokens / max(tokens, 1.0), pg_seqs / max(seqs, 1.0)
+
+
+def actor_objective(
+    log_probs: torch.Tensor,
+    entropy: torch.Tensor,
+    micro: Mapping[str, torch.Tensor],
+    counts: GlobalCounts,
+    config: ActorConfig,
+    *,
+    on_policy: bool,
+    kl_coef: float,
+    share: tuple[float, float] | None = None,
+) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
+    """(loss, terms that sum over micro-batches, token means) for one micro-batch.
+
+    `micro` holds response_mask, advantages, and as configured old_log_probs (absent when
+    `on_policy`: the detached current log-probs stand in), pg_mask and is_weights, ref_log_probs
+    and seq_reward (KL loss with reward-guided masking). `share` is `pg_share(...)` when a pg_mask
+    is used. `kl_coef` is this step's KL-loss coefficient (annealed by the caller for KDRL).
+    """
+    mask = micro["response_mask"]
+    old_log_probs = log_probs.detach() if on_policy else micro["old_log_probs"]
+    pg_mask, pg_counts = mask, counts
+    if share is not None:
+        pg_mask = micro["pg_mask"]
+        pg_counts = GlobalCounts(counts.num_tokens * share[0], counts.num_sequences * share[1])
+    pg_loss, pg_metrics = POLICY_LOSSES.get(config.policy_loss)(
+        log_probs,
+        old_log_probs,
+        micro["advantages"],
+        pg_mask,
+        config=config,
+        denominator=pg_counts,
+        is_weights=micro.get("is_weights"),
+    )
+    loss = pg_loss
+    sums = {"pg_loss": float(pg_loss.detach())}
+    means = dict(pg_metrics)
+    means["entropy"] = float(masked_mean(entropy.detach(), mask))
+    if config.entropy_coeff != 0:
+        entropy_loss = aggregate_loss(entropy, mask, config.loss_agg_mode, counts)
+        loss = loss - config.entropy_coeff * entropy_loss
+        sums["entropy_loss"] = float(entropy_loss.detach())
+    if config.use_kl_loss:
+        # KL to the reference slot: the initial policy, or KDRL's teacher (reward-guided masking
+        # with kl_loss_correct_threshold).
+        kl_loss, kl_metrics = kdrl_kl_loss(
+            log_probs,
+            micro["ref_log_probs"],
+            mask,
+            estimator=config.kl_loss_type,
+            loss_agg_mode=config.loss_agg_mode,
+            denominator=counts,
+            seq_reward=micro.get("seq_reward"),
+            correct_threshold=config.kl_loss_correct_threshold,
+        )
+        loss = loss + kl_coef * kl_loss
+        sums["kl_loss"] = float(kl_loss.detach())
+        means["kl"] = kl_metrics["kdrl/kl"]
+        means["kl_coef"] = kl_coef
+    sums["loss"] = float(loss.detach())
+    return loss, sums, means
+
+
+def kl_loss_coef(config: ActorConfig, step: int) -> float:
+    """actor.kl_loss_coef, annealed linearly to kl_loss_coef_end over kl_loss_anneal_steps (KDRL)."""
+    if config.kl_loss_coef_end is None:
+        return config.kl_loss_coef
+    return kdrl_beta(
+        step,
+        beta_start=config.kl_loss_coef,
+        beta_end=config.kl_loss_coef_end,
+        anneal_steps=config.kl_loss_anneal_steps,
+    )

@@ -1,0 +1,215 @@
+"""The `algorithm` section: what one RL step computes, by registry name, and the plug-in sections.
+
+Torch-free like the rest of the config. Every name here is a registry entry of tidal.algorithms
+(the table in docs/algorithms.md); `tidal.config.registry_check` checks names and parameters
+against the registries once torch is importable.
+
+Plug-in sections: each one's `type` is a registry name and its other fields are that plug-in's
+keyword parameters (`tidal.algorithms.plugins.bind` passes them), except fields a program reads
+itself (named in the section's docstring). A `<p>_start` / `<p>_end` pair with `schedule_steps`
+moves parameter `<p>` linearly from start to end over that many training steps.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from tidal.config.base import StrictModel
+
+
+class KLControlConfig(StrictModel):
+    type: Literal["fixed", "adaptive"] = "fixed"
+    kl_coef: float = Field(0.001, ge=0)
+    target_kl: float = Field(0.1, gt=0)
+    horizon: int = Field(10000, ge=1)
+
+
+class WeightedSumCombination(StrictModel):
+    """reward = sum_k weights[k] * r_k over the reward functions in `components`."""
+
+    type: Literal["weighted_sum"] = "weighted_sum"
+    components: list[str] = Field(min_length=1, description="reward function names, one column each")
+    weights: list[float] | None = Field(None, description="one per component; default: all 1")
+
+    @model_validator(mode="after")
+    def _one_weight_per_component(self) -> WeightedSumCombination:
+        if self.weights is not None and len(self.weights) != len(self.components):
+            raise ValueError(
+                f"algorithm.reward_combination.weights has {len(self.weights)} entries for "
+                f"{len(self.components)} components {self.components}; give one weight per component"
+            )
+        return self
+
+
+class MinCombination(StrictModel):
+    """reward = min_k r_k: worst case over an ensemble (Coste et al. 2023)."""
+
+    type: Literal["min"] = "min"
+    components: list[str] = Field(min_length=1, description="reward function names")
+
+
+class UncertaintyWeightedCombination(StrictModel):
+    """reward = mean_k r_k - uncertainty_coef * std_k r_k (Coste et al. 2023)."""
+
+    type: Literal["uncertainty_weighted"] = "uncertainty_weighted"
+    components: list[str] = Field(min_length=1, description="reward function names")
+    uncertainty_coef: float = Field(1.0, ge=0)
+
+
+RewardCombination = Annotated[
+    WeightedSumCombination | MinCombination | UncertaintyWeightedCombination, Field(discriminator="type")
+]
+
+
+class OverlongShaping(StrictModel):
+    """DAPO's soft overlong penalty: linear from 0 to -penalty_factor inside the last
+    `buffer_length` tokens before the limit."""
+
+    type: Literal["overlong"] = "overlong"
+    buffer_length: int = Field(ge=1, description="the soft window before the length limit, in tokens")
+    penalty_factor: float = Field(1.0, ge=0)
+    max_response_length: int | None = Field(
+        None, ge=1, description="default: rollout.sampling.max_new_tokens"
+    )
+
+
+class LengthPenaltyShaping(StrictModel):
+    """GRPO-lambda: a length reward on correct samples of groups whose accuracy exceeds a threshold."""
+
+    type: Literal["length_penalty"] = "length_penalty"
+    coef: float = Field(1.0, ge=0)
+    accuracy_threshold: float = Field(
+        0.5, ge=0, le=1, description="fraction of correct samples a group needs"
+    )
+    correct_threshold: float = Field(1.0, description="a sample is correct when its reward is >= this")
+
+
+class PARShaping(StrictModel):
+    """Preference as reward: sigmoid(r - r_ref), r_ref the reward of the policy's greedy response
+    to the same prompt (the program generates and scores it)."""
+
+    type: Literal["par"] = "par"
+
+
+RewardShaping = Annotated[OverlongShaping | LengthPenaltyShaping | PARShaping, Field(discriminator="type")]
+
+
+class DynamicSampling(StrictModel):
+    """DAPO dynamic sampling: drop groups whose rewards (before shaping) do not vary and generate
+    again until trainer.prompts_per_step groups are in. `max_rounds` is read by the program."""
+
+    type: Literal["zero_variance"] = "zero_variance"
+    atol: float = Field(0.0, ge=0, description="a group is kept when max - min reward > atol")
+    max_rounds: int = Field(10, ge=0, description="generation rounds per step before failing; 0 = unlimited")
+
+
+class ZeroVarianceSelection(StrictModel):
+    """Drop groups whose advantages are all equal (no refill): they carry no gradient."""
+
+    type: Literal["zero_variance"] = "zero_variance"
+    atol: float = Field(0.0, ge=0)
+
+
+class D3SSampleSelection(StrictModel):
+    """D3S sample level: per group keep the subset of ceil(keep_ratio * n) (>= 2) samples with the
+    largest advantage variance; keep_ratio follows the schedule."""
+
+    type: Literal["d3s"] = "d3s"
+    keep_ratio_start: float = Field(gt=0, le=1, description="aggressive start, e.g. 0.5")
+    keep_ratio_end: float = Field(1.0, gt=0, le=1, description="relaxed end")
+    schedule_steps: int = Field(0, ge=0, description="steps from start to end; 0 = always the end value")
+
+
+SampleSelection = Annotated[ZeroVarianceSelection | D3SSampleSelection, Field(discriminator="type")]
+
+
+class HighEntropyTokens(StrictModel):
+    """Beyond the 80/20 Rule (Wang et al. 2025): policy gradient only on the top `top_ratio` entropy tokens."""
+
+    type: Literal["high_entropy"] = "high_entropy"
+    top_ratio: float = Field(0.2, gt=0, le=1, description="rho, the fraction of tokens kept")
+
+
+class D3STokenSelection(StrictModel):
+    """D3S token level: keep the top keep_ratio tokens by |advantage| x entropy."""
+
+    type: Literal["d3s"] = "d3s"
+    keep_ratio_start: float = Field(gt=0, le=1)
+    keep_ratio_end: float = Field(1.0, gt=0, le=1)
+    schedule_steps: int = Field(0, ge=0)
+
+
+TokenSelection = Annotated[HighEntropyTokens | D3STokenSelection, Field(discriminator="type")]
+
+
+class TISCorrection(StrictModel):
+    """Truncated importance sampling: weights min(pi_old / pi_rollout, threshold)."""
+
+    type: Literal["tis"] = "tis"
+    level: Literal["token", "sequence"] = "token"
+    threshold: float = Field(2.0, gt=0)
+    batch_normalize: bool = False
+
+
+class MISCorrection(StrictModel):
+    """Masked importance sampling: tokens (or sequences) whose ratio leaves [lower, upper] are dropped."""
+
+    type: Literal["mis"] = "mis"
+    level: Literal["token", "sequence", "geometric"] = "token"
+    lower: float = Field(0.5, ge=0)
+    upper: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MISCorrection:
+        if self.lower >= self.upper:
+            raise ValueError(
+                f"algorithm.off_policy.lower={self.lower} must be below algorithm.off_policy.upper={self.upper}"
+            )
+        return self
+
+
+class DecoupledCorrection(StrictModel):
+    """Decoupled PPO: the trainer's recomputed log-probs are the proximal policy; the loss is
+    weighted by pi_prox / pi_behaviour (tokens above `cap` dropped)."""
+
+    type: Literal["decoupled"] = "decoupled"
+    cap: float | None = Field(None, gt=0, description="drop tokens whose weight exceeds this; None keeps all")
+
+
+OffPolicyCorrection = Annotated[
+    TISCorrection | MISCorrection | DecoupledCorrection, Field(discriminator="type")
+]
+
+
+class AlgorithmConfig(StrictModel):
+    """What the RL step computes; every name is a registry entry of tidal.algorithms (docs/algorithms.md)."""
+
+    advantage_estimator: str = Field("grpo", description="name in ADVANTAGE_ESTIMATORS")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(1.0, ge=0, le=1)
+    norm_adv_by_std_in_grpo: bool = Field(True, description="false: Dr. GRPO (no std division)")
+    use_kl_in_reward: bool = False
+    kl_penalty: str = Field("kl", description="name in KL_ESTIMATORS for the in-reward penalty")
+    kl_ctrl: KLControlConfig = KLControlConfig()
+    reward_combination: RewardCombination | None = Field(
+        None, description="several reward functions -> one reward (replaces reward.function)"
+    )
+    reward_shaping: list[RewardShaping] = Field([], description="applied in order, before advantages")
+    dynamic_sampling: DynamicSampling | None = None
+    sample_selection: SampleSelection | None = Field(None, description="drop samples after advantages")
+    token_selection: TokenSelection | None = Field(None, description="tokens that carry the policy gradient")
+    off_policy: OffPolicyCorrection | None = Field(
+        None, description="correct for the rollout policy differing from the trainer's"
+    )
+
+    @property
+    def needs_reward_baselines(self) -> bool:
+        """ReMax and PAR compare each sample's reward with that of a greedy response."""
+        return self.advantage_estimator == "remax" or any(s.type == "par" for s in self.reward_shaping)
+
+    @property
+    def needs_trainer_log_probs(self) -> bool:
+        """Token selection reads the trainer's entropy; off-policy corrections its log-probs."""
+        return self.token_selection is not None or self.off_policy is not None

@@ -1,0 +1,71 @@
+"""Small whole-step Ray tasks the stages run with `job.run_task`: join reward components, filter
+groups, keep rows, attach baseline rewards. Each is a plain function of Batches, so it can be tested without Ray.
+
+`run_task(fn, batch, *args)` calls `fn(batch.fetch(), *args)` inside a task; further
+DistributedBatches among `args` are fetched in the task too, never on the driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from tidal.algorithms.plugins import configured_plugins
+from tidal.config.schema import JobConfig
+from tidal.dataflow.batch import Batch
+from tidal.dataflow.distributed_batch import DistributedBatch
+from tidal.workers.rewards.scorer import token_rewards_at_last_token
+
+
+def combine_rewards(
+    batch: Batch, components: Sequence[DistributedBatch | Batch], cfg: JobConfig
+) -> tuple[Batch, dict[str, float]]:
+    """One reward per sample from the scored components (`algorithm.reward_combination`).
+
+    `batch` holds response_mask; component k holds seq_reward and reward_error of the k-th
+    reward function. A sample's reward_error is the first component error, prefixed by its name.
+    """
+    names = cfg.algorithm.reward_combination.components
+    scored = [c.fetch() if isinstance(c, DistributedBatch) else c for c in components]
+    stacked = torch.stack([s["seq_reward"].float() for s in scored], dim=1)
+    reward, metrics = configured_plugins(cfg).reward_combiner(stacked)
+    errors: list[str | None] = [None] * len(batch)
+    for name, part in zip(names, scored):
+        for i, error in enumerate(part["reward_error"]):
+            if error is not None and errors[i] is None:
+                errors[i] = f"{name}: {error}"
+    out = Batch.from_dict(
+        {"seq_reward": reward, "token_rewards": token_rewards_at_last_token(reward, batch["response_mask"])},
+        {"reward_error": errors},
+    )
+    return out, metrics
+
+
+def filter_groups(batch: Batch, cfg: JobConfig) -> tuple[Batch, list[bool], list[str]]:
+    """`algorithm.dynamic_sampling`'s filter on the sequence rewards: (keep column, keep, uids)."""
+    uids = [str(uid) for uid in batch["uid"]]
+    keep, _ = configured_plugins(cfg).dynamic_sampling_filter(batch["seq_reward"], group_ids=uids)
+    return Batch.from_dict({"keep": keep}), keep.tolist(), uids
+
+
+def keep_rows(
+    first: Batch, rest: Sequence[DistributedBatch | Batch], keeps: Sequence[Sequence[bool]]
+) -> Batch:
+    """The rows of [first, *rest] whose `keeps` entry is True, concatenated in order."""
+    batches = [first, *(b.fetch() if isinstance(b, DistributedBatch) else b for b in rest)]
+    if len(keeps) != len(batches):
+        raise ValueError(f"keep_rows got {len(keeps)} keep lists for {len(batches)} batches")
+    kept = [b.index(np.flatnonzero(np.asarray(k, dtype=bool))) for b, k in zip(batches, keeps)]
+    return Batch.concat(kept)
+
+
+def attach_baselines(batch: Batch, greedy: DistributedBatch | Batch) -> Batch:
+    """`reward_baselines` [N]: the reward of the greedy response to each sample's prompt (by uid)."""
+    greedy = greedy.fetch() if isinstance(greedy, DistributedBatch) else greedy
+    by_uid = dict(zip(greedy["uid"], greedy["seq_reward"].tolist()))
+    missing = [uid for uid in batch["uid"] if uid not in by_uid]
+    if missing:
+        raise ValueError(f"no greedy response was scored for prompts {missing[:3]}")
+    return Batch.from_dict({"reward_baselines": torch.tensor([by_uid[uid] for uid in batch["uid"]])})
