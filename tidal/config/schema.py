@@ -76,7 +76,8 @@ class ArithmeticTask(StrictModel):
     num_val: int = Field(256, ge=1)
     seed: int = 1234
     prompt_template: str = Field(
-        "{expression}=", description="prompt text; {expression} becomes e.g. '37+45' (chat models: a question)"
+        "{expression}=",
+        description="prompt text; {expression} becomes e.g. '37+45' (chat models: a question)",
     )
 
     @model_validator(mode="after")
@@ -232,6 +233,15 @@ class SamplingConfig(StrictModel):
     n: int = Field(1, ge=1, description="samples per prompt")
 
 
+class WeightSyncConfig(StrictModel):
+    """Actor -> rollout weight movement (tidal/resharding/sync.py)."""
+
+    bucket_mb: float = Field(64.0, gt=0, description="largest message buffer of one sync bucket")
+    verify: bool = Field(
+        False, description="compare every target shard's checksum with the source after a sync"
+    )
+
+
 class RolloutConfig(StrictModel):
     backend: Literal["embedded"] = "embedded"
     pool: str = "default"
@@ -239,6 +249,7 @@ class RolloutConfig(StrictModel):
     val_sampling: SamplingConfig = SamplingConfig(temperature=0.0, n=1)
     stop_token_ids: list[int] = Field([], description="extra stop tokens besides the tokenizer's EOS")
     max_batch_size: int = Field(256, ge=1, description="sequences decoded together")
+    weight_sync: WeightSyncConfig = WeightSyncConfig()
 
 
 class RewardConfig(StrictModel):

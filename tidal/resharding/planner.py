@@ -52,6 +52,9 @@ from tidal.resharding.layout import (
 from tidal.resharding.spec import Spec
 
 DEFAULT_BUCKET_BYTES = 256 << 20
+# Transfers are cut to at most 1/8 of a bucket: small enough that buckets can be filled evenly
+# from every link (see `_pack`), large enough that each message is still big on any transport.
+_PIECES_PER_BUCKET = 8
 
 
 @dataclass(frozen=True)
@@ -207,9 +210,11 @@ def make_plan(
                         needs.append(_Need(dst_rank, tensor, piece, cell, owners))
                         lacking[dst_rank] += box_numel(cell) * elem
 
-    # Balance senders: cut to the bucket cap first (so one huge tensor cannot pin one sender),
-    # then largest rectangles first, each to the least-loaded device holding it.
-    parts = [need._replace(cell=part) for need in needs for part in _split(need.cell, elem, bucket_bytes)]
+    # Balance senders: cut to 1/8 of the bucket cap first (so one huge tensor can neither pin one
+    # sender nor fill a bucket alone), then largest rectangles first, each to the least-loaded
+    # device holding it.
+    max_part = max(elem, bucket_bytes // _PIECES_PER_BUCKET)
+    parts = [need._replace(cell=part) for need in needs for part in _split(need.cell, elem, max_part)]
     parts.sort(key=lambda n: (-box_numel(n.cell), order[n.dst_piece.canonical], n.dst_rank, n.cell))
     outbound: dict[int, int] = defaultdict(int)
     transfers: list[Move] = []

@@ -27,11 +27,14 @@ import torch.distributed as dist
 
 from tidal.resharding.executor import ReshardExecutor, SyncStats
 from tidal.resharding.layout import ParallelLayout
-from tidal.resharding.planner import DEFAULT_BUCKET_BYTES, Placement, get_plan
+from tidal.resharding.planner import Placement, get_plan
 from tidal.resharding.spec import Spec
 from tidal.resharding.transports import LocalTransport, TorchP2PTransport, Transport
 
 NamedTensors = Iterator[tuple[str, torch.Tensor]]
+# Smaller than the planner's default: with two buckets in flight the link stays busy anyway, and a
+# cast (fp32 master weights into a bf16 engine) stages every outgoing byte.
+DEFAULT_SYNC_BUCKET_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -83,15 +86,17 @@ class WeightTarget:
 class Resharder:
     """This process's resharder; keeps one executor per (spec, layouts, ranks, dtype, device).
 
-    bucket_bytes caps what a device stages per bucket (the sync's extra memory is about one
-    bucket); verify=True checksums every target rectangle against its source after each sync
-    (executor.verify) and raises on a mismatch.
+    bucket_bytes caps what a device sends plus receives per bucket; a sync's extra memory is its
+    staging buffer, at most two buckets' worth (two in flight) and far less where rectangles are
+    contiguous (FSDP row shards into full tensors stage only the small ones). verify=True
+    checksums every target rectangle against its source after each sync (verify.py) and raises
+    on a mismatch.
     """
 
     def __init__(
         self,
         group: dist.ProcessGroup | None = None,
-        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        bucket_bytes: int = DEFAULT_SYNC_BUCKET_BYTES,
         verify: bool = False,
     ):
         if bucket_bytes < 1:

@@ -121,10 +121,10 @@ def update_actor(job: Job, batch: DistributedBatch, step: int) -> dict[str, floa
 
 
 def sync_weights(job: Job, version: int) -> dict[str, float]:
-    """Actor -> rollout, in-process on the colocated workers; the rollout serves `version` next."""
+    """Actor -> rollout through the resharder (tidal/resharding/sync.py); the rollout serves `version` next."""
     start = time.perf_counter()
-    job.sync_weights(version)
-    return {"perf/sync_weights_s": time.perf_counter() - start}
+    metrics = job.sync_weights(version)
+    return {"perf/sync_weights_s": time.perf_counter() - start, **metrics}
 
 
 def evaluate(job: Job) -> dict[str, float]:

@@ -41,7 +41,8 @@ class RolloutRole:
         self.stop_token_ids = sorted(set(self.engine.eos_token_ids) | set(cfg.rollout.stop_token_ids))
         self.weights_version = 0
         # Plans and executors are kept across steps; built at the first sync (a collective).
-        self.resharder = Resharder()
+        sync = cfg.rollout.weight_sync
+        self.resharder = Resharder(bucket_bytes=int(sync.bucket_mb * (1 << 20)), verify=sync.verify)
 
     @endpoint(Dispatch.DP_SPLIT)
     def generate(
