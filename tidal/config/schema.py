@@ -31,6 +31,13 @@ class TinyQwen2Build(StrictModel):
     sft_steps: int = Field(0, ge=0, description="supervised warm-up steps on the task before RL")
     sft_batch_size: int = Field(64, ge=1)
     sft_lr: float = Field(3e-3, gt=0)
+    sft_target_accuracy: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="stop the warm-up once greedy accuracy on held-out training problems reaches this "
+        "(sft_steps is then the cap); None runs exactly sft_steps",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TinyQwen2Build:

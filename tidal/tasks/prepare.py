@@ -32,7 +32,7 @@ def build_fingerprint(model_cfg: ModelConfig, data_cfg: DataConfig | None) -> di
     uses_task = isinstance(build, TinyQwen2Build) and build.sft_steps > 0
     return {
         "format": BUILD_FORMAT,
-        "build": build.model_dump(mode="json"),
+        "build": build.model_dump(mode="json", exclude_none=True),  # a new unset option keeps old digests
         "task": task.model_dump(mode="json") if uses_task and task is not None else None,
     }
 

@@ -9,6 +9,7 @@ nothing is learnt.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -23,6 +24,12 @@ from tidal.tasks.tokenizer import build_char_tokenizer
 
 MAX_POSITIONS = 2048
 IGNORE_INDEX = -100
+# The warm-up's stopping probe (when model.build.sft_target_accuracy is set): its size keeps the
+# accuracy's standard error near 3 points; every 10 steps costs ~5% of the warm-up's time.
+PROBE_SIZE = 256
+PROBE_EVERY = 10
+
+log = logging.getLogger(__name__)
 
 
 def tiny_qwen2_config(build: TinyQwen2Build, tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
@@ -94,27 +101,47 @@ def sft_warmup(
     problems: Sequence[Problem],
     build: TinyQwen2Build,
 ) -> list[float]:
-    """`build.sft_steps` AdamW steps of cross-entropy on answer tokens + EOS; returns the losses.
+    """AdamW steps of cross-entropy on answer tokens + EOS; returns the loss of every step taken.
 
-    The learning rate ramps up linearly over the first 10% of the steps, then follows a cosine down
-    to 10% of `build.sft_lr`: the end state is annealed rather than caught mid-oscillation as with a
-    constant rate. Measured on the default model (2-digit addition): sft_lr=1e-3 with 290 steps ends
-    at 33% greedy exact match on val, while 3e-3 stays below 10%. The task has a sharp transition
-    (learning the carry), so the accuracy reached is sensitive to sft_steps there: re-measure after
-    changing any of them. Batches are drawn with replacement from a generator seeded by `build.seed`,
-    so the run is reproducible and independent of the global RNG.
+    Without `build.sft_target_accuracy`: `build.sft_steps` steps, the learning rate ramping up over
+    the first 10% then following a cosine down to 10% of `build.sft_lr`.
+
+    With it: a stop at the first probe (every PROBE_EVERY steps) where greedy exact match on
+    PROBE_SIZE training problems held out of the warm-up reaches the target, `sft_steps` being the
+    cap, at a constant rate after the ramp (no anneal towards a cap that is never reached). Why a
+    target rather than a step count: 2-digit addition is learnt in a sharp transition (the units
+    digit, a mod-10 table, comes last) whose step moves by hundreds of steps with the seed and even
+    with the float summation order of the thread count, so a fixed count lands either before it (RL
+    then cannot help: the model lacks the mechanism, measured flat or falling) or past it (nothing
+    left to learn). Stopping on a measured accuracy lands inside it, where RL helps at once.
+
+    Batches are drawn with replacement from a generator seeded by `build.seed`: reproducible for a
+    given thread count and independent of the global RNG.
     """
-    input_ids, mask, target = encode_problems(tokenizer, problems)
+    target = build.sft_target_accuracy
+    probe: Sequence[Problem] = ()
+    if target is not None:
+        probe_size = min(PROBE_SIZE, len(problems) // 4)
+        if probe_size == 0:
+            raise ValueError(
+                f"model.build.sft_target_accuracy={target} needs training problems to hold out as a "
+                f"probe, but the task has only {len(problems)}; raise data.task.num_train or unset "
+                "model.build.sft_target_accuracy"
+            )
+        problems, probe = problems[:-probe_size], problems[-probe_size:]
+    input_ids, mask, target_ids = encode_problems(tokenizer, problems)
     generator = torch.Generator().manual_seed(build.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=build.sft_lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, total=build.sft_steps))
-    model.train()
-    losses = []
-    for _ in range(build.sft_steps):
+    factor = partial(lr_factor, total=build.sft_steps, final=1.0 if target is not None else 0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    losses: list[float] = []
+    accuracy = None
+    for step in range(build.sft_steps):
+        model.train()
         idx = torch.randint(len(problems), (build.sft_batch_size,), generator=generator)
         width = int(mask[idx].sum(dim=1).max())  # trim the batch to its longest row
         out = model(
-            input_ids=input_ids[idx, :width], attention_mask=mask[idx, :width], labels=target[idx, :width]
+            input_ids=input_ids[idx, :width], attention_mask=mask[idx, :width], labels=target_ids[idx, :width]
         )
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -122,7 +149,16 @@ def sft_warmup(
         optimizer.step()
         schedule.step()
         losses.append(out.loss.detach().item())
+        if target is not None and (step + 1) % PROBE_EVERY == 0:
+            accuracy = greedy_exact_match(model, tokenizer, probe)
+            if accuracy >= target:
+                break
     model.eval()
+    if target is not None:
+        log.info(
+            "SFT warm-up: %d steps, greedy exact match %.3f on %d held-out training problems (target %.2f)",
+            len(losses), accuracy if accuracy is not None else float("nan"), len(probe), target,
+        )
     return losses
 
 
