@@ -18,6 +18,7 @@ from tidal.algorithms.plugins import configured_plugins
 from tidal.config import ConfigError, config_from_dict
 from tidal.config.algorithm import AlgorithmConfig, D3STokenSelection
 from tidal.config.loader import apply_overrides
+from tidal.config.registry_check import bind_preference_loss
 
 BASE = {"model": {"path": "/tmp/m"}, "data": {"task": {"type": "arithmetic"}}}
 
@@ -48,8 +49,6 @@ SLOTS = {
     "token_selection": ("TOKEN_SELECTORS", "token_selector"),
     "off_policy": ("OFF_POLICY_CORRECTIONS", "off_policy_correction"),
 }
-# Offline preference losses need a pair dataset and their own program, which do not exist yet.
-NOT_WIRED = {"PREFERENCE_LOSSES"}
 
 
 def cfg_with(*overrides: str, algorithm: dict[str, Any] | None = None, **sections: dict[str, Any]):
@@ -106,6 +105,10 @@ def test_every_registered_name_is_reachable_from_config():
         cfg = cfg_with("actor.use_kl_loss=true", f"actor.kl_loss_type={name}", f"algorithm.kl_penalty={name}")
         assert (cfg.actor.kl_loss_type, cfg.algorithm.kl_penalty) == (name, name)
         reached.add(("KL_ESTIMATORS", name))
+    for name in algorithms.PREFERENCE_LOSSES.names():
+        bound = bind_preference_loss(cfg_with(algorithm={"preference": {"type": name}}))
+        assert bound.func is algorithms.PREFERENCE_LOSSES.get(name)
+        reached.add(("PREFERENCE_LOSSES", name))
     for mode in (*algorithms.LOSS_AGG_MODES, *algorithms.LOSS_AGG_ALIASES):
         assert (
             cfg_with(f"actor.loss_agg_mode={mode}", f"critic.loss_agg_mode={mode}").actor.loss_agg_mode
@@ -114,7 +117,6 @@ def test_every_registered_name_is_reachable_from_config():
     expected = {
         (registry_name, name)
         for registry_name, registry in all_registries().items()
-        if registry_name not in NOT_WIRED
         for name in registry.names()
     }
     assert not expected - reached, f"registered but not reachable from config: {sorted(expected - reached)}"
@@ -191,6 +193,48 @@ def test_loss_parameters_are_config_fields():
         (
             ["algorithm.reward_combination={type: weighted_sum, components: [arithmetic], weights: [1, 2]}"],
             ["weights has 2 entries for 1 components"],
+        ),
+        (
+            ["algorithm.preference.type=dpp"],
+            ["algorithm.preference", "'dpp'", "'dpo'", "'simpo'", "'redi'"],
+        ),
+        (
+            ["algorithm.preference={type: simpo, alpha: 0.5}"],
+            [
+                "algorithm.preference.alpha=0.5 is a parameter of redi",
+                "algorithm.preference.type='simpo' takes ['beta', 'gamma', 'label_smoothing']",
+                "set algorithm.preference.type=redi or remove algorithm.preference.alpha",
+            ],
+        ),
+        (
+            ["algorithm.preference={type: dpo, sft_steps: 3}"],
+            ["algorithm.preference.sft_steps=3 is a parameter of redi", "algorithm.preference.type=redi"],
+        ),
+        (
+            ["algorithm.preference={type: dpo, gamma: 1}"],
+            ["algorithm.preference.gamma=1 is a parameter of simpo"],
+        ),
+        (
+            ["algorithm.preference={type: dpo, label_smoothing: 0.5}"],
+            ["algorithm.preference.label_smoothing=0.5", "less than 0.5"],
+        ),
+        (["algorithm.preference={type: redi, alpha: 1.2}"], ["algorithm.preference.alpha=1.2"]),
+        (["algorithm.preference={type: dpo, betta: 1}"], ["algorithm.preference.betta: unknown key"]),
+        (
+            ["algorithm.preference.type=dpo", "reference.enable=false"],
+            ["reference.enable=false but algorithm.preference.type=dpo needs the reference"],
+        ),
+        (
+            ["algorithm.preference.type=simpo", "reference.enable=true"],
+            ["reference.enable=true but algorithm.preference.type=simpo is reference-free"],
+        ),
+        (
+            ["algorithm.preference.type=redi", "actor.use_kl_loss=true"],
+            ["actor.use_kl_loss=true but algorithm.preference.type=redi", "remove actor.use_kl_loss"],
+        ),
+        (
+            ["data.chosen_key=answers.good"],
+            ["data.chosen_key describes preference pairs", "set algorithm.preference.type"],
         ),
     ],
 )
@@ -277,3 +321,25 @@ def test_every_config_key_on_the_docs_page_exists():
                 missing.append(path)
     assert checked > 40
     assert not missing, f"docs/algorithms.md names config keys that do not exist: {missing}"
+
+
+def test_preference_section_picks_the_loss_its_parameters_and_the_roles():
+    from tidal.controller.job import role_classes
+
+    redi = cfg_with(algorithm={"preference": {"type": "redi", "alpha": 0.5, "sft_steps": 3}})
+    assert bind_preference_loss(redi).keywords == {"alpha": 0.5}  # sft_steps is the program's
+    assert redi.algorithm.preference.sft_steps == 3
+    simpo = cfg_with(algorithm={"preference": {"type": "simpo"}})
+    assert bind_preference_loss(simpo).keywords == {"beta": 2.0, "gamma": 0.5, "label_smoothing": 0.0}
+    dpo = cfg_with("algorithm.preference.type=dpo", "algorithm.preference.beta=0.3")
+    assert bind_preference_loss(dpo).keywords == {"beta": 0.3, "label_smoothing": 0.0}
+    # DPO compares with the frozen reference; SimPO and REDI are reference-free. The rollout only
+    # serves the built-in task's greedy evaluation: pair files start the actor alone.
+    assert (dpo.reference_enabled, simpo.reference_enabled, redi.reference_enabled) == (True, False, False)
+    assert set(role_classes(dpo)) == {"actor", "rollout", "reference"}
+    assert role_classes(dpo)["reference"].__name__ == "PairReferenceRole"
+    files = {"model": {"path": "/tmp/m"}, "data": {"train_files": ["pairs.jsonl"]}}
+    assert set(role_classes(config_from_dict({**files, "algorithm": {"preference": {"type": "simpo"}}}))) == {
+        "actor"
+    }
+    assert set(role_classes(cfg_with())) == {"actor", "rollout"}  # RL as before

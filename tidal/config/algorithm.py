@@ -8,11 +8,17 @@ Plug-in sections: each one's `type` is a registry name and its other fields are 
 keyword parameters (`tidal.algorithms.plugins.bind` passes them), except fields a program reads
 itself (named in the section's docstring). A `<p>_start` / `<p>_end` pair with `schedule_steps`
 moves parameter `<p>` linearly from start to end over that many training steps.
+
+`preference` is the one section that changes the program: set, the job trains offline on
+preference pairs (tidal/controller/programs/preference.py) with the PREFERENCE_LOSSES entry its
+`type` names, instead of RL. A parameter of another loss than the selected one is rejected with
+the loss it belongs to.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import typing
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -183,6 +189,43 @@ OffPolicyCorrection = Annotated[
 ]
 
 
+class DPOPreference(StrictModel):
+    """DPO: the reference role (the frozen initial policy) scores every pair too."""
+
+    type: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0, description="inverse temperature of the implicit reward (TRL: 0.1)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="> 0: conservative DPO (label noise rate)")
+
+
+class SimPOPreference(StrictModel):
+    """SimPO: length-normalised log-likelihood as the reward; reference-free."""
+
+    type: Literal["simpo"] = "simpo"
+    beta: float = Field(2.0, gt=0)
+    gamma: float = Field(0.5, ge=0, description="target reward margin")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+
+
+class REDIPreference(StrictModel):
+    """REDI: `sft_steps` steps of SFT on the chosen responses (stage 1, read by the program), then
+    the REDI loss on both (stage 2); reference-free."""
+
+    type: Literal["redi"] = "redi"
+    alpha: float = Field(0.8, ge=0, le=1, description="weight of the negative (rejected) term")
+    sft_steps: int = Field(0, ge=0, description="stage 1: training steps of SFT on chosen before REDI")
+
+
+PreferenceLoss = Annotated[DPOPreference | SimPOPreference | REDIPreference, Field(discriminator="type")]
+
+# Fields of a preference section that the program reads itself; the rest are loss parameters.
+PREFERENCE_PROGRAM_FIELDS = ("sft_steps",)
+
+
+def _preference_params() -> dict[str, set[str]]:
+    members = typing.get_args(typing.get_args(PreferenceLoss)[0])
+    return {m.model_fields["type"].default: set(m.model_fields) - {"type"} for m in members}
+
+
 class AlgorithmConfig(StrictModel):
     """What the RL step computes; every name is a registry entry of tidal.algorithms (docs/algorithms.md)."""
 
@@ -203,6 +246,34 @@ class AlgorithmConfig(StrictModel):
     off_policy: OffPolicyCorrection | None = Field(
         None, description="correct for the rollout policy differing from the trainer's"
     )
+
+    preference: PreferenceLoss | None = Field(
+        None,
+        description="offline preference training on (prompt, chosen, rejected) pairs instead of RL: "
+        "the loss (name in PREFERENCE_LOSSES) and its parameters",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preference_params_match_the_loss(cls, data: Any) -> Any:
+        """A parameter of another preference loss gets a message that names that loss (pydantic
+        alone would report an unknown key and suggest a spelling mistake)."""
+        section = data.get("preference") if isinstance(data, dict) else None
+        if not isinstance(section, dict) or "type" not in section:
+            return data
+        params = _preference_params()
+        own = params.get(section["type"])
+        if own is None:
+            return data  # an unknown type: the discriminated union names the known ones
+        for key, value in section.items():
+            owners = sorted(name for name, fields in params.items() if key in fields)
+            if key != "type" and key not in own and owners:
+                raise ValueError(
+                    f"algorithm.preference.{key}={value!r} is a parameter of {' and '.join(owners)}, but "
+                    f"algorithm.preference.type={section['type']!r} takes {sorted(own)}; set "
+                    f"algorithm.preference.type={owners[0]} or remove algorithm.preference.{key}"
+                )
+        return data
 
     @property
     def needs_reward_baselines(self) -> bool:

@@ -8,9 +8,11 @@ the value and the fix.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 from collections.abc import Iterable
 
+from tidal.config.algorithm import PREFERENCE_PROGRAM_FIELDS
 from tidal.config.schema import JobConfig
 
 
@@ -59,6 +61,8 @@ def _check_plugins(cfg: JobConfig) -> None:
 
     for step in (0, cfg.trainer.total_steps):
         configured_plugins(cfg, step)
+    if cfg.algorithm.preference is not None:
+        bind_preference_loss(cfg)
     limit = cfg.rollout.sampling.max_new_tokens
     for i, section in enumerate(cfg.algorithm.reward_shaping):
         if section.type != "overlong":
@@ -70,6 +74,16 @@ def _check_plugins(cfg: JobConfig) -> None:
                 f"limit {length} (max_response_length, default rollout.sampling.max_new_tokens); "
                 "pick a window shorter than the limit, e.g. a quarter of it"
             )
+
+
+def bind_preference_loss(cfg: JobConfig) -> functools.partial:
+    """The PREFERENCE_LOSSES entry `algorithm.preference.type` names, with the section's parameters
+    bound (the actor's preference update uses the same binding)."""
+    from tidal.algorithms import PREFERENCE_LOSSES, bind
+
+    section = cfg.algorithm.preference
+    assert section is not None, "only preference jobs bind a preference loss"
+    return bind(PREFERENCE_LOSSES, section, "algorithm.preference", exclude=PREFERENCE_PROGRAM_FIELDS)
 
 
 def check_registered_names(cfg: JobConfig) -> None:

@@ -98,13 +98,22 @@ class ArithmeticTask(StrictModel):
 
 
 class DataConfig(StrictModel):
-    """Prompts come from files (jsonl/parquet, verl's columns accepted) or a built-in task."""
+    """Prompts come from files (jsonl/parquet, verl's columns accepted) or a built-in task.
+
+    With `algorithm.preference` the rows are preference pairs instead: prompt, chosen and rejected
+    responses (`chosen_key`, `rejected_key`), or the task's problems with a right and a wrong answer.
+    """
 
     train_files: list[str] = []
     val_files: list[str] = []
     task: ArithmeticTask | None = None
     prompt_key: str = "prompt"
     ground_truth_key: str = Field("reward_model.ground_truth", description="dotted path into a row")
+    chosen_key: str = Field("chosen", description="preference pairs: dotted path of the preferred response")
+    rejected_key: str = Field("rejected", description="preference pairs: dotted path of the other response")
+    max_response_length: int = Field(
+        512, ge=1, description="preference pairs: a longer chosen/rejected response (EOS included) is skipped"
+    )
     apply_chat_template: bool = False
     max_prompt_length: int = Field(512, ge=1)
     shuffle: bool = True
@@ -333,6 +342,8 @@ class JobConfig(StrictModel):
     def reference_enabled(self) -> bool:
         if self.reference.enable is not None:
             return self.reference.enable
+        if self.algorithm.preference is not None:
+            return self.algorithm.preference.type in REFERENCE_PREFERENCE_LOSSES
         return self.actor.use_kl_loss or self.algorithm.use_kl_in_reward
 
     @property
@@ -368,11 +379,21 @@ class JobConfig(StrictModel):
                 "reference.enable=false but a KL term is on (actor.use_kl_loss or "
                 "algorithm.use_kl_in_reward); enable the reference or turn the KL term off"
             )
-        if self.algorithm.advantage_estimator in GROUP_ESTIMATORS and self.rollout.sampling.n < 2:
+        group_estimator = self.algorithm.advantage_estimator in GROUP_ESTIMATORS
+        if group_estimator and self.algorithm.preference is None and self.rollout.sampling.n < 2:
             raise ValueError(
                 f"algorithm.advantage_estimator={self.algorithm.advantage_estimator} compares samples "
                 f"of one prompt but rollout.sampling.n={self.rollout.sampling.n}; set rollout.sampling.n>=2"
             )
+        if self.algorithm.preference is not None:
+            self._check_preference()
+        else:
+            pair_keys = sorted(set(PAIR_DATA_FIELDS) & self.data.model_fields_set)
+            if pair_keys:
+                raise ValueError(
+                    f"data.{pair_keys[0]} describes preference pairs but algorithm.preference is not set; "
+                    f"set algorithm.preference.type (dpo, simpo or redi) or remove data.{pair_keys[0]}"
+                )
         if self.rollout.pool != self.actor.pool:
             raise ValueError(
                 f"rollout.pool={self.rollout.pool!r} differs from actor.pool={self.actor.pool!r}; "
@@ -380,6 +401,35 @@ class JobConfig(StrictModel):
             )
         return self
 
+    def _check_preference(self) -> None:
+        """Offline preference training has no rewards, critic or KL term: settings for them are mistakes."""
+        loss = self.algorithm.preference.type
+        stray = [
+            (key, value)
+            for key, value in (
+                ("critic.enable", self.critic.enable),
+                ("actor.use_kl_loss", self.actor.use_kl_loss),
+                ("algorithm.use_kl_in_reward", self.algorithm.use_kl_in_reward),
+            )
+            if value
+        ]
+        if stray:
+            raise ValueError(
+                f"{stray[0][0]}=true but algorithm.preference.type={loss} trains offline on pairs, without "
+                f"rewards, critic or KL term; remove {stray[0][0]} (or algorithm.preference for RL)"
+            )
+        needs_ref = loss in REFERENCE_PREFERENCE_LOSSES
+        if self.reference.enable is not None and self.reference.enable != needs_ref:
+            why = "needs the reference log-probs" if needs_ref else "is reference-free"
+            raise ValueError(
+                f"reference.enable={str(self.reference.enable).lower()} but algorithm.preference.type="
+                f"{loss} {why}; remove reference.enable (it follows the loss)"
+            )
 
+
+# Data fields read only for preference pairs.
+PAIR_DATA_FIELDS = ("chosen_key", "rejected_key", "max_response_length")
+# Preference losses that compare the policy with the frozen reference (the others are reference-free).
+REFERENCE_PREFERENCE_LOSSES = frozenset({"dpo"})
 # Estimators that normalise within a prompt's group of samples and so need n >= 2.
 GROUP_ESTIMATORS = frozenset({"grpo", "rloo", "grpo_passk", "reinforce_plus_plus_baseline", "opo", "gpg"})

@@ -17,7 +17,8 @@ from tidal.controller.dispatch import run_task
 from tidal.controller.ray_cluster import ensure_ray
 from tidal.controller.resource_pool import ResourcePool
 from tidal.controller.worker_group import WorkerGroup
-from tidal.dataflow.dataset import PromptLoader, build_datasets
+from tidal.dataflow.batch import Batch
+from tidal.dataflow.dataset import PromptDataset, PromptLoader, build_datasets
 from tidal.observability.metrics import MetricsLogger
 
 
@@ -25,12 +26,18 @@ def role_classes(cfg: JobConfig) -> dict[str, type]:
     """Enabled roles in build order (the rollout after the actor it copies weights from)."""
     from tidal.workers.roles.actor import ActorRole
     from tidal.workers.roles.critic import CriticRole
+    from tidal.workers.roles.preference import PairReferenceRole
     from tidal.workers.roles.reference import ReferenceRole
     from tidal.workers.roles.rollout import RolloutRole
 
-    roles: dict[str, type] = {"actor": ActorRole, "rollout": RolloutRole}
-    if cfg.reference_enabled:
-        roles["reference"] = ReferenceRole
+    roles: dict[str, type] = {"actor": ActorRole}
+    preference = cfg.algorithm.preference is not None
+    # Preference training generates nothing; the rollout only serves the greedy held-out accuracy
+    # of a built-in task (its prompts have ground truths, pair files do not).
+    if not preference or cfg.data.task is not None:
+        roles["rollout"] = RolloutRole
+    if cfg.reference_enabled:  # a preference job's reference also scores pairs (DPO)
+        roles["reference"] = PairReferenceRole if preference else ReferenceRole
     if cfg.critic_enabled:
         roles["critic"] = CriticRole
     return roles
@@ -44,6 +51,8 @@ class Job:
         self.kl_ctrl = build_kl_controller(cfg.algorithm.kl_ctrl)
         self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint.keep_last)
         self.groups: dict[str, WorkerGroup] = {}
+        self.val_prompts: Batch | None = None  # held-out prompts for the generating eval
+        self.val_pairs: Batch | None = None  # held-out preference pairs (preference jobs)
         self._role_pool: dict[str, str] = {}
         self._cluster = None  # the local Ray cluster this job started, if it started one
 
@@ -54,19 +63,13 @@ class Job:
 
         job = cls(cfg)
         prepare_model(cfg.model, cfg.data)
-        train_set, val_set = build_datasets(cfg.data, cfg.model.path)
-        job.train_loader = PromptLoader(
-            train_set, cfg.trainer.prompts_per_step, cfg.data.shuffle, cfg.data.seed
-        )
-        job.val_prompts = None
-        job.dataset_report = {
-            "data/train_prompts": len(train_set),
-            "data/train_skipped": train_set.num_skipped,
-        }
-        if val_set is not None:
-            num_val = min(cfg.trainer.num_eval_prompts or len(val_set), len(val_set))
-            job.val_prompts = PromptLoader(val_set, num_val, shuffle=False, seed=0).next_batch()
-            job.dataset_report |= {"data/val_prompts": num_val, "data/val_skipped": val_set.num_skipped}
+        if cfg.algorithm.preference is None:
+            train_set, val_set = build_datasets(cfg.data, cfg.model.path)
+            job.train_loader, job.val_prompts, job.dataset_report = _loaders(
+                cfg, train_set, val_set, "prompts"
+            )
+        else:
+            job._load_pairs()
 
         roles = role_classes(cfg)
         by_pool: dict[str, dict[str, type]] = {}
@@ -84,6 +87,21 @@ class Job:
             job.groups[pool_name] = WorkerGroup(pool, pool_roles, cfg)
         job.logger = MetricsLogger(job.output_dir, cfg.logging)
         return job
+
+    def _load_pairs(self) -> None:
+        """Preference pairs to train and evaluate on, and the task's held-out prompts when there is a task."""
+        from transformers import AutoTokenizer
+
+        from tidal.dataflow.pairs import build_pair_datasets
+
+        cfg = self.cfg
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        train_set, val_set = build_pair_datasets(cfg.data, tokenizer)
+        self.train_loader, self.val_pairs, self.dataset_report = _loaders(cfg, train_set, val_set, "pairs")
+        self.val_prompts = None
+        if cfg.data.task is not None:  # greedy accuracy on the task's held-out problems
+            val_prompts = PromptDataset.from_task(cfg.data.task, "val", cfg.data, tokenizer)
+            _, self.val_prompts, _ = _loaders(cfg, val_prompts, val_prompts, "prompts")
 
     def shutdown(self) -> Path | None:
         for group in self.groups.values():
@@ -133,6 +151,9 @@ class Job:
 
     def sync_weights(self, version: int) -> dict[str, float]:
         """Actor -> rollout through the resharder on the actor's pool; rank 0's `weight_sync/` metrics."""
+        if "rollout" not in self._role_pool:  # preference training without a generating eval
+            self.version = version
+            return {}
         metrics = self.groups[self._role_pool["actor"]].sync_weights("actor", "rollout", version)
         self.version = version
         return metrics
@@ -169,3 +190,17 @@ class Job:
         self.train_loader.load_state_dict(state["loader"])
         self.kl_ctrl.value = state["kl_coef"]
         return step
+
+
+def _loaders(
+    cfg: JobConfig, train_set: PromptDataset, val_set: PromptDataset | None, kind: str
+) -> tuple[PromptLoader, Batch | None, dict[str, int]]:
+    """The endless training loader, the fixed held-out batch (trainer.num_eval_prompts rows) and
+    the data report (`data/train_<kind>`, `data/train_skipped`, ...)."""
+    loader = PromptLoader(train_set, cfg.trainer.prompts_per_step, cfg.data.shuffle, cfg.data.seed)
+    report = {f"data/train_{kind}": len(train_set), "data/train_skipped": train_set.num_skipped}
+    if val_set is None:
+        return loader, None, report
+    num_val = min(cfg.trainer.num_eval_prompts or len(val_set), len(val_set))
+    val = PromptLoader(val_set, num_val, shuffle=False, seed=0).next_batch()
+    return loader, val, report | {f"data/val_{kind}": num_val, "data/val_skipped": val_set.num_skipped}

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from tidal.config.schema import ArithmeticTask, DataConfig
 from tidal.dataflow.batch import Batch
 
 log = logging.getLogger(__name__)
+RowT = TypeVar("RowT")
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,8 @@ class RowEncoder:
             raise SkipRow("chat prompt of several messages needs data.apply_chat_template=true")
         return messages[0]["content"]
 
-    def encode(self, prompt: Any, ground_truth: Any, data_source: str) -> PromptRow:
-        if ground_truth is None:
-            raise SkipRow(f"missing {self.cfg.ground_truth_key!r}")
-        if isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, int, float)):
-            raise SkipRow(f"ground truth is a {type(ground_truth).__name__}, not a string or number")
+    def encode_prompt(self, prompt: Any) -> tuple[str, tuple[int, ...]]:
+        """(prompt text, token ids) of a row's prompt; SkipRow when empty or too long."""
         text = self.prompt_text(prompt)
         # A chat template writes its own special tokens; plain text gets the tokenizer's (e.g. BOS).
         ids = self.tokenizer(text, add_special_tokens=not self.cfg.apply_chat_template)["input_ids"]
@@ -99,7 +97,15 @@ class RowEncoder:
             raise SkipRow("empty prompt")
         if len(ids) > self.cfg.max_prompt_length:
             raise SkipRow(f"prompt longer than data.max_prompt_length={self.cfg.max_prompt_length}")
-        return PromptRow(text, tuple(ids), str(ground_truth), data_source)
+        return text, tuple(ids)
+
+    def encode(self, prompt: Any, ground_truth: Any, data_source: str) -> PromptRow:
+        if ground_truth is None:
+            raise SkipRow(f"missing {self.cfg.ground_truth_key!r}")
+        if isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, int, float)):
+            raise SkipRow(f"ground truth is a {type(ground_truth).__name__}, not a string or number")
+        text, ids = self.encode_prompt(prompt)
+        return PromptRow(text, ids, str(ground_truth), data_source)
 
     def encode_record(self, record: Any, default_source: str) -> PromptRow:
         if not isinstance(record, dict):
@@ -132,6 +138,33 @@ def read_records(path: Path) -> Iterator[dict[str, Any] | SkipRow]:
         raise AssertionError(f"unsupported suffix {path.suffix}")  # checked by PromptDataset.from_files
 
 
+def encode_files(
+    paths: Sequence[str], field: str, encode: Callable[[dict[str, Any], str], RowT]
+) -> tuple[list[RowT], Counter[str]]:
+    """`encode(record, file stem)` over every row of the files; SkipRows counted by reason.
+
+    `field` (e.g. "data.train_files") names the paths in errors: a wrong suffix or a missing
+    file fails at once, before any row is read.
+    """
+    files = [Path(p).expanduser() for p in paths]
+    for f in files:
+        if f.suffix not in (".jsonl", ".parquet"):
+            raise ValueError(f"{field} holds {str(f)!r}: only .jsonl and .parquet files are read")
+        if not f.is_file():
+            raise ValueError(f"{field} holds {str(f)!r}, which does not exist; fix the path")
+    rows: list[RowT] = []
+    skipped: Counter[str] = Counter()
+    for f in files:
+        for record in read_records(f):
+            try:
+                if isinstance(record, SkipRow):
+                    raise record
+                rows.append(encode(record, f.stem))
+            except SkipRow as reason:
+                skipped[str(reason)] += 1
+    return rows, skipped
+
+
 class PromptDataset(Sequence[PromptRow]):
     def __init__(self, rows: list[PromptRow], skipped: Counter[str], name: str, pad_token_id: int):
         self.rows = rows
@@ -157,6 +190,10 @@ class PromptDataset(Sequence[PromptRow]):
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
 
+    def collate(self, rows: Sequence[PromptRow], uids: Sequence[str]) -> Batch:
+        """The loader's batch of `rows` (pair datasets add their response columns)."""
+        return collate(rows, uids, self.pad_token_id)
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_files(
@@ -166,23 +203,8 @@ class PromptDataset(Sequence[PromptRow]):
         tokenizer: PreTrainedTokenizerBase,
         field: str = "data.train_files",
     ) -> PromptDataset:
-        files = [Path(p).expanduser() for p in paths]
-        for f in files:
-            if f.suffix not in (".jsonl", ".parquet"):
-                raise ValueError(f"{field} holds {str(f)!r}: only .jsonl and .parquet files are read")
-            if not f.is_file():
-                raise ValueError(f"{field} holds {str(f)!r}, which does not exist; fix the path")
         encoder = RowEncoder(data_cfg, tokenizer)
-        rows: list[PromptRow] = []
-        skipped: Counter[str] = Counter()
-        for f in files:
-            for record in read_records(f):
-                try:
-                    if isinstance(record, SkipRow):
-                        raise record
-                    rows.append(encoder.encode_record(record, default_source=f.stem))
-                except SkipRow as reason:
-                    skipped[str(reason)] += 1
+        rows, skipped = encode_files(paths, field, encoder.encode_record)
         return cls(rows, skipped, f"{field}={list(paths)}", _pad_id(tokenizer))
 
     @classmethod
@@ -302,7 +324,7 @@ class PromptLoader:
     def next_batch(self) -> Batch:
         picks = list(self._take(self.batch_size))
         rows = [self.dataset[i] for _, i in picks]
-        return collate(rows, [f"{epoch}-{i}" for epoch, i in picks], self.dataset.pad_token_id)
+        return self.dataset.collate(rows, [f"{epoch}-{i}" for epoch, i in picks])
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "num_rows": len(self.dataset)}

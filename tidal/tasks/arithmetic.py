@@ -4,6 +4,9 @@ Problems are numbered: index i picks the operation (i mod #ops) and the two oper
 in base 10**max_digits). Drawing distinct indices with a seeded `random.Random.sample` gives a
 deterministic, duplicate-free problem set for any size of space (it never lists the space), and
 taking validation and training from one draw makes the two splits disjoint by construction.
+
+For offline preference training, `make_pairs` pairs each problem's answer with a near miss (one
+digit changed), deterministically.
 """
 
 from __future__ import annotations
@@ -64,3 +67,33 @@ def make_split(task: ArithmeticTask, split: Literal["train", "val"]) -> list[Pro
     if split == "val":
         return val
     raise ValueError(f"split={split!r} is not a split of the arithmetic task; use 'train' or 'val'")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str  # the right answer
+    rejected: str  # a wrong answer one digit away from it
+
+
+def wrong_answer(problem: Problem, seed: int) -> str:
+    """The answer with one digit changed: a near miss, deterministic in (seed, prompt).
+
+    Near misses make the pair hard in the right way: chosen and rejected share everything but one
+    token, so the preference is about arithmetic, not about length or format. The leading digit
+    never becomes 0 (that would be a formatting error, "082", rather than a wrong number).
+    """
+    rng = random.Random(f"{seed}:{problem.prompt}")  # str seeds hash with sha512: stable across runs
+    sign, digits = ("-", problem.answer[1:]) if problem.answer.startswith("-") else ("", problem.answer)
+    position = rng.randrange(len(digits))
+    lowest = 1 if position == 0 and len(digits) > 1 else 0
+    choices = [d for d in "0123456789"[lowest:] if d != digits[position]]
+    if sign and len(digits) == 1:
+        choices.remove("0")  # "-0" is not a number anyone writes
+    digits = digits[:position] + rng.choice(choices) + digits[position + 1 :]
+    return sign + digits
+
+
+def make_pairs(task: ArithmeticTask, split: Literal["train", "val"]) -> list[PreferencePair]:
+    """One (right, wrong) answer pair per problem of `split`, deterministic for the task's seed."""
+    return [PreferencePair(p.prompt, p.answer, wrong_answer(p, task.seed)) for p in make_split(task, split)]

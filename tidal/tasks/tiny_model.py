@@ -157,7 +157,10 @@ def sft_warmup(
     if target is not None:
         log.info(
             "SFT warm-up: %d steps, greedy exact match %.3f on %d held-out training problems (target %.2f)",
-            len(losses), accuracy if accuracy is not None else float("nan"), len(probe), target,
+            len(losses),
+            accuracy if accuracy is not None else float("nan"),
+            len(probe),
+            target,
         )
     return losses
 

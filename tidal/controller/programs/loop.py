@@ -16,17 +16,28 @@ if TYPE_CHECKING:
 StepFn = Callable[["Job", int], dict[str, float]]
 
 # Metrics shown on the progress bar (all of them go to JSONL / TensorBoard).
-BAR_KEYS = {"reward/mean": "reward", "val/reward": "val", "perf/step_s": "s/step", "actor/pg_loss": "pg"}
+BAR_KEYS = {
+    "reward/mean": "reward",
+    "val/reward": "val",
+    "perf/step_s": "s/step",
+    "actor/pg_loss": "pg",
+    "actor/preference/accuracy": "acc",
+}
 
 
-def run_steps(job: Job, step_fn: StepFn) -> dict[str, float]:
-    """Run `step_fn` from the resume point to trainer.total_steps; return the last step's metrics."""
+def run_steps(
+    job: Job, step_fn: StepFn, evaluate: Callable[[Job], dict[str, float]] = stages.evaluate
+) -> dict[str, float]:
+    """Run `step_fn` from the resume point to trainer.total_steps; return the last step's metrics.
+
+    `evaluate` runs before the first step of a fresh run, every trainer.eval_every steps and after
+    the last one (programs with held-out checks of their own pass one that adds them)."""
     cfg = job.cfg
     first = job.restore_latest_checkpoint() + 1
     stages.sync_weights(job, version=first - 1)
     last: dict[str, float] = {}
     if first == 1:
-        last = stages.evaluate(job)
+        last = evaluate(job)
         job.logger.log(0, last)
     bar = tqdm(
         range(first, cfg.trainer.total_steps + 1),
@@ -43,7 +54,7 @@ def run_steps(job: Job, step_fn: StepFn) -> dict[str, float]:
         metrics["perf/step_s"] = time.perf_counter() - start
         every = cfg.trainer.eval_every
         if step == cfg.trainer.total_steps or (every and step % every == 0):
-            metrics |= stages.evaluate(job)
+            metrics |= evaluate(job)
         job.logger.log(step, metrics)
         bar.set_postfix({short: f"{metrics[key]:.3g}" for key, short in BAR_KEYS.items() if key in metrics})
         job.maybe_save_checkpoint(step)

@@ -125,6 +125,21 @@ class ActorRole:
         )
         return {f"actor/{key}": value for key, value in metrics.items()}
 
+    @endpoint(Dispatch.DP_SPLIT, collect=Collect.FIRST)
+    def update_preference(self, batch: Batch, sft: bool = False) -> dict[str, float]:
+        """Offline step on preference pairs (algorithm.preference), or SFT on their chosen responses
+        (`sft`, REDI's first stage); tidal/workers/roles/preference.py."""
+        from tidal.workers.roles import preference
+
+        return preference.update(self.engine, self.cfg, batch, sft=sft)
+
+    @endpoint(Dispatch.DP_SPLIT, collect=Collect.FIRST)
+    def evaluate_preference(self, batch: Batch) -> dict[str, float]:
+        """Preference loss, accuracy and margin on held-out pairs (`val/` metrics), no update."""
+        from tidal.workers.roles import preference
+
+        return preference.evaluate(self.engine, self.cfg, batch)
+
     def _pg_share(self, batch: Batch) -> tuple[float, float]:
         """How much of the step `pg_mask` keeps, over all ranks (tidal.algorithms.objective)."""
         return pg_share(self.engine.all_reduce(pg_share_counts(batch["pg_mask"], batch["response_mask"])))

@@ -274,7 +274,7 @@ class FSDPEngine:
         token_sums: dict[str, float] = {}
         token_weights: dict[str, float] = {}
         for _ in range(epochs):
-            for start, stop in _even_bounds(columns["response_ids"].shape[0], num_mini_batches):
+            for start, stop in even_bounds(columns["response_ids"].shape[0], num_mini_batches):
                 mini = {key: value[start:stop] for key, value in columns.items()}
                 counts = GlobalCounts(*self.all_reduce(list(astuple(count_valid(mini["response_mask"])))))
                 sums: dict[str, float] = {}
@@ -297,9 +297,9 @@ class FSDPEngine:
                 step_sums.append(sums)
                 step_stats.append(self.step())
         self.module.eval()
-        return self._reduce_metrics(step_sums, step_stats, token_sums, token_weights)
+        return self.reduce_metrics(step_sums, step_stats, token_sums, token_weights)
 
-    def _reduce_metrics(
+    def reduce_metrics(
         self,
         step_sums: list[dict[str, float]],
         step_stats: list[dict[str, float]],
@@ -409,7 +409,7 @@ class FSDPEngine:
         dist.barrier()
 
 
-def _even_bounds(total: int, num_chunks: int) -> list[tuple[int, int]]:
+def even_bounds(total: int, num_chunks: int) -> list[tuple[int, int]]:
     """[start, stop) of `num_chunks` contiguous near-equal pieces (earlier ones larger, some may be empty)."""
     base, extra = divmod(total, num_chunks)
     bounds, start = [], 0
