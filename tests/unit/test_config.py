@@ -30,6 +30,7 @@ def test_overrides_parse_yaml_values():
         ("algorithm.advantage_estimator=nope", "algorithm.advantage_estimator='nope' is not registered"),
         ("actor.loss_agg_mode=avg", "actor.loss_agg_mode='avg'"),
         ("reward.function=bogus", "reward.function='bogus'"),
+        ("reference.model_path=/teacher", "reference.model_path='/teacher' but nothing uses the reference"),
     ],
 )
 def test_bad_settings_name_field_value_and_fix(override, needle):
@@ -57,6 +58,11 @@ def test_batch_sizes_are_derived_with_uneven_mini_batches():
         "trainer.prompts_per_step=10", "rollout.sampling.n=4", "actor.mini_batch_prompts=4"
     ).sizes
     assert sizes.samples_per_step == 40 and sizes.mini_batch_samples == 16 and sizes.num_mini_batches == 3
+
+
+def test_a_missing_required_section_is_named():
+    with pytest.raises(ConfigError, match=r"model: required but not set; .* model.KEY=VALUE"):
+        load_config(None, ["data.task.type=arithmetic"])
 
 
 def test_missing_file_and_bad_override_are_clear(tmp_path):

@@ -4,8 +4,8 @@
 
 The reverse KL is estimated per token on the student's own samples, so it teaches the student
 where IT goes wrong (mode seeking) instead of imitating teacher text (forward KL = SFT). The
-teacher's log-probs of the sampled tokens come from the reference slot (`ref_log_probs`: run the
-reference role with the teacher's weights). Two refinements from the paper:
+teacher's log-probs of the sampled tokens come from the reference slot (`ref_log_probs`;
+`reference.model_path` loads the teacher there). Two refinements from the paper:
 - k2 (0.5 * (log pi - log pi_T)^2) is the default estimator: its gradient is the true
   reverse-KL gradient, unlike k3's;
 - reward-guided masking: responses already judged correct (reward >= `correct_threshold`) get no

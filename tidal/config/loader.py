@@ -88,6 +88,11 @@ def _format_errors(err: ValidationError, tree: dict[str, Any]) -> str:
             lines.append(
                 f"{loc}: unknown key (value {e['input']!r}); check the spelling against tidal/config/schema.py"
             )
+        elif e["type"] == "missing":  # its input is the enclosing section, not a value to show
+            lines.append(
+                f"{loc}: required but not set; add it to the job file or as an override "
+                f"({loc}=VALUE, or {loc}.KEY=VALUE for a section; keys in tidal/config/schema.py)"
+            )
         elif e["type"] == "value_error":
             lines.append(str(e["ctx"]["error"]) if "ctx" in e else e["msg"])
         else:

@@ -237,6 +237,11 @@ class CriticConfig(TrainRoleConfig):
 
 class ReferenceConfig(StrictModel):
     enable: bool | None = Field(None, description="default: on when a KL term is used")
+    model_path: str | None = Field(
+        None,
+        description="another model as the reference, e.g. KDRL's teacher (same vocabulary as "
+        "model.path); default: model.path, the frozen initial policy",
+    )
     pool: str = "default"
     micro_batch_size_per_rank: int = Field(16, ge=1)
 
@@ -378,6 +383,12 @@ class JobConfig(StrictModel):
             raise ValueError(
                 "reference.enable=false but a KL term is on (actor.use_kl_loss or "
                 "algorithm.use_kl_in_reward); enable the reference or turn the KL term off"
+            )
+        if self.reference.model_path is not None and not self.reference_enabled:
+            raise ValueError(
+                f"reference.model_path={self.reference.model_path!r} but nothing uses the reference; "
+                "turn a KL term on (actor.use_kl_loss=true, as KDRL does, or algorithm.use_kl_in_reward=true) "
+                "or remove reference.model_path"
             )
         group_estimator = self.algorithm.advantage_estimator in GROUP_ESTIMATORS
         if group_estimator and self.algorithm.preference is None and self.rollout.sampling.n < 2:

@@ -59,10 +59,12 @@ class Job:
     # ------------------------------------------------------------------ construction
     @classmethod
     def start(cls, cfg: JobConfig) -> Job:
-        from tidal.tasks.prepare import prepare_model
+        from tidal.tasks.prepare import check_reference_model, prepare_model
 
         job = cls(cfg)
-        prepare_model(cfg.model, cfg.data)
+        model_path = prepare_model(cfg.model, cfg.data)
+        if cfg.reference_enabled and cfg.reference.model_path is not None:
+            check_reference_model(cfg.reference.model_path, model_path)
         if cfg.algorithm.preference is None:
             train_set, val_set = build_datasets(cfg.data, cfg.model.path)
             job.train_loader, job.val_prompts, job.dataset_report = _loaders(

@@ -94,6 +94,27 @@ def prepare_model(model_cfg: ModelConfig, data_cfg: DataConfig | None) -> Path:
     return path
 
 
+def check_reference_model(reference_path: str, model_path: Path) -> None:
+    """A separate reference (reference.model_path) must be a model folder whose vocabulary is the
+    policy's: KL terms compare the two models' log-probs token id by token id."""
+    ref = Path(reference_path).expanduser()
+    if not (ref / "config.json").is_file():
+        raise ValueError(
+            f"reference.model_path={reference_path!r} is not a Hugging Face model folder (no config.json "
+            "there); point it at the teacher model's local folder, or remove it to use model.path"
+        )
+    sizes = {}
+    for name, folder in (("reference.model_path", ref), ("model.path", model_path)):
+        config = json.loads((folder / "config.json").read_text())
+        sizes[name] = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+    if sizes["reference.model_path"] != sizes["model.path"]:
+        raise ValueError(
+            f"reference.model_path={reference_path!r} has vocab_size={sizes['reference.model_path']} but "
+            f"model.path has {sizes['model.path']}; KL terms need one vocabulary (the same tokenizer), so "
+            "pick a reference of the policy's model family or remove reference.model_path"
+        )
+
+
 def _build(model_cfg: ModelConfig, data_cfg: DataConfig | None, out_dir: Path) -> None:
     build = model_cfg.build
     # Imports are local: building pulls in torch/transformers, reading the marker must not.

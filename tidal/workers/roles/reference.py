@@ -1,8 +1,9 @@
-"""The reference policy: the initial model, frozen, FSDP2-sharded, scoring log-probs for KL terms."""
+"""The reference policy: frozen, FSDP2-sharded, scoring log-probs for KL terms. By default the initial
+model; `reference.model_path` makes it another model of the same vocabulary (KDRL's teacher)."""
 
 from __future__ import annotations
 
-from tidal.config.schema import JobConfig
+from tidal.config.schema import JobConfig, ModelConfig
 from tidal.dataflow.batch import Batch
 from tidal.workers.context import WorkerContext
 from tidal.workers.endpoint import Dispatch, endpoint
@@ -17,6 +18,13 @@ from tidal.workers.engines.fsdp import (
 from tidal.workers.roles.actor import SEQUENCE_COLUMNS, columns_of, log_prob_temperature
 
 
+def reference_model(cfg: JobConfig) -> ModelConfig:
+    """The model section the reference loads: model.path's, or reference.model_path's."""
+    if cfg.reference.model_path is None:
+        return cfg.model
+    return cfg.model.model_copy(update={"path": cfg.reference.model_path, "build": None})
+
+
 class ReferenceRole:
     def __init__(self, cfg: JobConfig, ctx: WorkerContext) -> None:
         self.cfg = cfg
@@ -24,7 +32,7 @@ class ReferenceRole:
         # No optimizer, so no master copy: weights are stored in the compute dtype directly.
         dtype = DTYPES[cfg.model.dtype]
         layout, attention = choose_layout(ctx.device, dtype)
-        lm = load_pretrained(cfg.model, dtype, attn_implementation=attention)
+        lm = load_pretrained(reference_model(cfg), dtype, attn_implementation=attention)
         lm.requires_grad_(False)
         self.engine = FSDPEngine(PolicyModel(lm), ctx, blocks=block_types(lm), layout=layout)
         self.temperature = log_prob_temperature(cfg)
