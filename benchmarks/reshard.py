@@ -8,6 +8,8 @@ and a rollout shard, HybridFlow style):
   tp4pp2_to_tp2      Megatron TP=4 x PP=2 (8 processes) -> vLLM TP=2 x 4 engines on the same 8
   tp2_to_tp4         Megatron TP=2 x DP=2 (4 processes) -> vLLM TP=4 on the same 4
   tp2_to_tp4_disagg  (optional) Megatron TP=2 on processes 0-1 -> vLLM TP=4 on processes 2-5
+  *_aligned          (optional) the colocated scenarios with engine ranks placed by
+                     `aligned_colocated` (tidal/resharding/alignment.py) instead of rank order
 Methods, interleaved over --reps repetitions in one process group (medians reported):
   tidal        the cached plan run by `ReshardExecutor` over `TorchP2PTransport` (--pairs per rep);
   gather_full  verl's way: per Megatron parameter, broadcast over the pipeline group, all-gather
@@ -57,6 +59,7 @@ import torch.multiprocessing as mp
 from _reshard_baselines import GatherFull, broadcast_from_rank0, dst_index
 from _reshard_measure import build, make_tensors, pair_bandwidth, raw_exchange_s, timed, traffic
 
+from tidal.resharding.alignment import aligned_colocated
 from tidal.resharding.executor import ReshardExecutor
 from tidal.resharding.layout import ParallelLayout
 from tidal.resharding.planner import Placement, get_plan
@@ -80,6 +83,12 @@ SCENARIOS = {
     "tp4pp2_to_tp2": (ParallelLayout.megatron(tp=4, pp=2), ParallelLayout.vllm(tp=2, dp=4), "colocated"),
     "tp2_to_tp4": (ParallelLayout.megatron(tp=2, dp=2), ParallelLayout.vllm(tp=4), "colocated"),
     "tp2_to_tp4_disagg": (ParallelLayout.megatron(tp=2), ParallelLayout.vllm(tp=4), "disaggregated"),
+    "tp2_to_tp4_aligned": (ParallelLayout.megatron(tp=2, dp=2), ParallelLayout.vllm(tp=4), "aligned"),
+    "tp4pp2_to_tp2_aligned": (
+        ParallelLayout.megatron(tp=4, pp=2),
+        ParallelLayout.vllm(tp=2, dp=4),
+        "aligned",
+    ),
 }
 PARTS = ("local_copy_s", "pack_s", "unpack_s", "post_s", "wait_s")
 _T0 = time.perf_counter()
@@ -103,10 +112,14 @@ def worker(rank: int, world: int, name: str, opts: dict, out_path: str) -> None:
         timeout=datetime.timedelta(minutes=15),
     )
     src, dst, mode = SCENARIOS[name]
-    make = Placement.colocated if mode == "colocated" else Placement.disaggregated
     bucket = opts["bucket_mb"] << 20
     start = time.perf_counter()
-    plan = get_plan(SPEC, src, dst, make(src.world_size, dst.world_size), bucket)
+    if mode == "aligned":
+        placement = aligned_colocated(SPEC, src, dst)
+    else:
+        make = Placement.colocated if mode == "colocated" else Placement.disaggregated
+        placement = make(src.world_size, dst.world_size)
+    plan = get_plan(SPEC, src, dst, placement, bucket)
     plan_s = time.perf_counter() - start
     transport = TorchP2PTransport()
     executor = ReshardExecutor(plan, transport)
@@ -114,7 +127,8 @@ def worker(rank: int, world: int, name: str, opts: dict, out_path: str) -> None:
     targets = executor.allocate_targets()
     index = dst_index(SPEC, dst, executor.dst_ranks)
     with_baselines = not opts["no_baselines"]
-    gather = GatherFull(SPEC, src, rank, index) if mode == "colocated" and with_baselines else None
+    colocated = mode in ("colocated", "aligned")
+    gather = GatherFull(SPEC, src, rank, index) if colocated and with_baselines else None
     full = make_tensors(SPEC, ParallelLayout.hf(), 0) if rank == 0 and with_baselines else None
     out, into = traffic(plan, rank)
     chunk = opts["chunk_mb"] << 20
@@ -198,32 +212,47 @@ def worker(rank: int, world: int, name: str, opts: dict, out_path: str) -> None:
         "peak_extra_rss_bytes": peak["tidal"],
         "staging_bytes": total(executor.staging_bytes, dist.ReduceOp.MAX),
     }
-    result["bytes_ratio"] = result["tidal_bytes"] / lower
+    # An aligned placement can leave nothing to send (lower == 0): byte ratios are then None, and
+    # so is time_ratio (no wire to compare with); the bound with local copies still applies.
+    result["bytes_ratio"] = _ratio(result["tidal_bytes"], lower)
     # Per repetition: this rep's sync against this rep's raw exchange; the median of those ratios.
-    result["time_ratio"] = statistics.median(t / r for (t, _), r in zip(runs["tidal"], raw, strict=True))
+    result["time_ratio"] = (
+        statistics.median(t / r for (t, _), r in zip(runs["tidal"], raw, strict=True)) if lower else None
+    )
     result["time_ratio_with_local_copies"] = statistics.median(
         t / r for (t, _), r in zip(runs["tidal"], raw_local, strict=True)
     )
     result["time_ratio_vs_pair"] = (
         statistics.median(t for t, _ in runs["tidal"]) * statistics.median(pair) / largest
+        if largest
+        else None
     )
     if "broadcast" in times:
         result.update(
             broadcast_time_s=times["broadcast"],
             broadcast_peak_extra_bytes=peak["broadcast"],
-            broadcast_bytes_ratio=(world - 1) * SPEC.num_bytes() / lower,
+            broadcast_bytes_ratio=_ratio((world - 1) * SPEC.num_bytes(), lower),
             speedup_vs_broadcast=times["broadcast"] / times["tidal"],
         )
     if gather is not None:
         result.update(
             gather_full_time_s=times["gather_full"],
             gather_full_peak_extra_bytes=peak["gather_full"],
-            gather_full_bytes_ratio=total(gather.bytes_received) / lower,
+            gather_full_bytes=total(gather.bytes_received),
+            gather_full_bytes_ratio=_ratio(total(gather.bytes_received), lower),
             speedup_vs_gather_full=times["gather_full"] / times["tidal"],
         )
     if rank == 0:
         Path(out_path).write_text(json.dumps(result))
     dist.destroy_process_group()
+
+
+def _ratio(x: float, lower: int) -> float | None:
+    return x / lower if lower else None
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def _seconds(r: dict, key: str) -> str:
@@ -258,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
         parts = ", ".join(f"{k.removesuffix('_s')} {v:.2f}" for k, v in r["tidal_parts_s"].items())
         print(
             f"{name}: {world} processes, tidal {r['tidal_time_s']:.2f}s (bound {r['time_lower_bound_s']:.2f}s, "
-            f"ratio {r['time_ratio']:.2f}, with local copies {r['time_ratio_with_local_copies']:.2f}; parts {parts}), bytes x{r['bytes_ratio']:.2f}, gather_full "
+            f"ratio {_fmt(r['time_ratio'])}, with local copies {r['time_ratio_with_local_copies']:.2f}; parts {parts}), "
+            f"bytes x{_fmt(r['bytes_ratio'])} of {r['lower_bound_bytes'] / 2**20:.0f} MiB, gather_full "
             f"{_seconds(r, 'gather_full_time_s')}, broadcast {_seconds(r, 'broadcast_time_s')}, "
             f"bandwidth {r['bandwidth_bytes_per_s'] / 2**20:.0f} MiB/s, peak extra "
             f"{r['peak_extra_bytes'] / 2**20:.0f} MiB (staging {r['staging_bytes'] / 2**20:.0f} MiB)",
@@ -267,8 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     first = results[args.scenarios[0]]
     summary = {k: v for k, v in first.items() if not isinstance(v, list)}
     summary.update(
-        worst_time_ratio=max(r["time_ratio"] for r in results.values()),
-        worst_bytes_ratio=max(r["bytes_ratio"] for r in results.values()),
+        worst_time_ratio=max((r["time_ratio"] for r in results.values() if r["time_ratio"]), default=None),
+        worst_bytes_ratio=max((r["bytes_ratio"] for r in results.values() if r["bytes_ratio"]), default=None),
         model=f"Qwen3-0.6B shape, {SPEC.num_bytes() // SPEC.element_size / 1e6:.0f}M parameters, {SPEC.dtype}",
         cpus=os.cpu_count(),
         torch=torch.__version__,

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_resharding_layouts import full_tensors, megatron_reference, vllm_reference
 
+from tidal.resharding.alignment import _greedy_then_swaps, aligned_colocated, lacking_bytes
 from tidal.resharding.apply import apply_plan, coverage, materialize, padding_mask
 from tidal.resharding.layout import ParallelLayout, box_numel, box_slices
 from tidal.resharding.planner import Placement, get_plan, make_plan
@@ -66,10 +67,13 @@ def cases(draw):
         dst = ParallelLayout.megatron(tp=src_tp, pp=1, dp=draw(st.sampled_from([1, 2])))
     else:
         dst = ParallelLayout.hf(dp=draw(st.sampled_from([1, 2])))
-    if draw(st.booleans()):
-        placement = Placement.colocated(src.world_size, dst.world_size)
-    else:
+    kind = draw(st.sampled_from(["colocated", "aligned", "disaggregated"]))
+    if kind == "aligned" and src.world_size == dst.world_size:
+        placement = aligned_colocated(spec, src, dst)
+    elif kind == "disaggregated":
         placement = Placement.disaggregated(src.world_size, dst.world_size)
+    else:
+        placement = Placement.colocated(src.world_size, dst.world_size)
     bucket_bytes = draw(st.sampled_from([16, 100, 1000, 1 << 20]))
     return spec, src, dst, placement, bucket_bytes
 
@@ -244,3 +248,63 @@ def test_buckets_keep_every_link_busy():
                     total[key] = total.get(key, 0) + m.num_bytes
             per_bucket_max += max(load.values())
         assert per_bucket_max <= 1.15 * max(total.values()), (src, dst, per_bucket_max / max(total.values()))
+
+
+# ------------------------------------------------------------------ aligned colocated placement
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=cases())
+def test_aligned_placement_never_lacks_more_than_rank_order(case):
+    spec, src, dst, _, _ = case
+    if src.world_size != dst.world_size:
+        return
+    n = dst.world_size
+    lack = lacking_bytes(spec, src, dst)
+    # The matrix against the brute-force masks: target rank r alone on device d, the others nowhere.
+    nowhere = _lacking_bytes(spec, src, dst, Placement(tuple(range(n)), (-1,) * n))
+    for r in range(n):
+        own = sum(box_numel(p.canon_box) for t in dst.rank_tensors(spec, r) for p in t.pieces)
+        for d in range(n):
+            alone = Placement(tuple(range(n)), tuple(d if i == r else -1 for i in range(n)))
+            assert lack[r][d] == _lacking_bytes(spec, src, dst, alone) - nowhere + own * spec.element_size
+
+    aligned = aligned_colocated(spec, src, dst)
+    assert sorted(aligned.dst_devices) == list(range(n))  # a permutation
+    a = make_plan(spec, src, dst, aligned).report
+    b = make_plan(spec, src, dst, Placement.colocated(n, n)).report
+    assert (a.max_inbound_bytes, a.lower_bound_bytes) <= (b.max_inbound_bytes, b.lower_bound_bytes)
+
+
+def test_aligned_tp2_dp2_to_tp4_moves_nothing():
+    """Every TP=4 shard lies inside a TP=2 shard: with engine ranks (0, 2, 1, 3) all copies are local."""
+    spec = ModelSpec(
+        num_layers=2, hidden_size=64, num_heads=8, num_kv_heads=4, head_dim=8, ffn_size=96,
+        vocab_size=1000, tie_embeddings=True, qk_norm=True,
+    )  # fmt: skip
+    src, dst = ParallelLayout.megatron(tp=2, dp=2), ParallelLayout.vllm(tp=4)
+    placement = aligned_colocated(spec, src, dst)
+    assert placement.dst_devices == (0, 2, 1, 3)
+    report = make_plan(spec, src, dst, placement).report
+    assert report.total_bytes == report.lower_bound_bytes == 0
+    assert make_plan(spec, src, dst, Placement.colocated(4, 4)).report.max_inbound_bytes > 0
+
+
+def test_greedy_assignment_finds_a_free_permutation_and_never_loses_to_rank_order():
+    n = 11  # above the exact search
+    order = [(3 * i + 5) % n for i in range(n)]
+    lack = [[0 if d == order[r] else 10 + r + d for d in range(n)] for r in range(n)]
+
+    def cost_of(matrix):
+        def cost(devices):
+            per_device = [matrix[r][d] for r, d in enumerate(devices)]
+            return max(per_device), sum(per_device)
+
+        return cost
+
+    assert list(_greedy_then_swaps(lack, cost_of(lack))) == order
+    # Greedy alone would give rank 0 device 1 here (cheaper for it), which costs the rest more.
+    trap = [[5 if d == r else 9 for d in range(n)] for r in range(n)]
+    trap[0][1] = 4
+    result = _greedy_then_swaps(trap, cost_of(trap))
+    assert cost_of(trap)(result) <= cost_of(trap)(tuple(range(n)))
