@@ -4,6 +4,7 @@
 - layout.py         parallel layouts: which rectangle of which canonical tensor each rank holds
 - megatron_names.py, vllm_names.py   Megatron-core and vLLM names and fused layouts
 - planner.py        the pure, cached plan: local copies, balanced transfers, buckets, byte report
+- alignment.py      colocated placement of engine ranks on the devices that already hold their shards
 - apply.py          in-memory reference executor; materialize / assemble (conversions without a plan)
 - messages.py       how one device's share of a plan becomes the buffers it exchanges
 - executor.py       runs one device's share over a transport (`ReshardExecutor`)
