@@ -122,6 +122,23 @@ def test_every_registered_name_is_reachable_from_config():
     assert not expected - reached, f"registered but not reachable from config: {sorted(expected - reached)}"
 
 
+PAR_DATA = "{type: par, baseline: data}"
+
+
+def test_par_data_baseline_reads_the_reference_column():
+    cfg = cfg_with(
+        f"algorithm.reward_shaping=[{PAR_DATA}]",
+        "data.reference_response_key=answers.sft",
+        data={"train_files": ["t.jsonl"]},
+    )
+    assert cfg.algorithm.par_baseline == "data" and cfg.algorithm.needs_reward_baselines
+    assert cfg.data.reference_response_key == "answers.sft"
+    (shaper,) = configured_plugins(cfg).reward_shapers
+    assert shaper.func is algorithms.REWARD_SHAPERS.get("par") and shaper.keywords == {"baseline": "data"}
+    assert cfg_with("algorithm.reward_shaping=[{type: par}]").algorithm.par_baseline == "greedy"
+    assert cfg_with().algorithm.par_baseline is None
+
+
 def test_program_side_needs_follow_the_config():
     assert not cfg_with().algorithm.needs_reward_baselines
     assert cfg_with("algorithm.advantage_estimator=remax").algorithm.needs_reward_baselines
@@ -236,6 +253,31 @@ def test_loss_parameters_are_config_fields():
             ["data.chosen_key=answers.good"],
             ["data.chosen_key describes preference pairs", "set algorithm.preference.type"],
         ),
+        (
+            [f"algorithm.reward_shaping=[{PAR_DATA}]", "data.train_files=[t.jsonl]"],
+            ["par baseline=data", "data.reference_response_key is not set", "par baseline=greedy"],
+        ),
+        (
+            [f"algorithm.reward_shaping=[{PAR_DATA}]", "data.reference_response_key=reference"],
+            ["data.train_files is empty", "(arithmetic) has none", "give data.train_files"],
+        ),
+        (
+            ["data.reference_response_key=reference"],
+            ["data.reference_response_key='reference' but nothing reads it", "baseline: data"],
+        ),
+        (
+            ["algorithm.reward_shaping=[{type: par}]", "data.reference_response_key=reference"],
+            ["data.reference_response_key='reference' but nothing reads it"],
+        ),
+        (
+            [f"algorithm.reward_shaping=[{PAR_DATA}]", "algorithm.advantage_estimator=remax"],
+            ["advantage_estimator=remax", "par baseline=data", "both would write the reward_baselines"],
+        ),
+        (
+            [f"algorithm.reward_shaping=[{PAR_DATA}, {{type: par}}]"],
+            ["par sections with baseline=['data', 'greedy']"],
+        ),
+        (["algorithm.reward_shaping=[{type: par, baseline: sft}]"], ["baseline", "'greedy' or 'data'"]),
     ],
 )
 def test_mistakes_name_the_field_the_value_and_the_fix(overrides, needles):

@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -115,6 +116,51 @@ def test_file_errors_name_the_field(tmp_path, tok):
     empty = write_jsonl(tmp_path / "bad.jsonl", [row for row, _ in BAD])
     with pytest.raises(ValueError, match="yields no usable prompt"):
         build_datasets(cfg(train_files=[str(empty)]), tok)
+
+
+def test_reference_responses_are_read_from_train_rows_and_bad_ones_counted(tmp_path, tok):
+    """PAR's data baseline: a string or a list of strings per row; rows without a usable one are
+    skipped and counted; validation rows need none; the loader's batch carries them per prompt."""
+    truth = {"reward_model": {"ground_truth": "4"}}
+    good = [
+        {"prompt": "2+2=", **truth, "sft": {"answer": "4"}},
+        {"prompt": "1+3=", **truth, "sft": {"answer": ["4", "5 "]}},
+    ]
+    bad = [
+        ({"prompt": "3+1=", **truth}, "missing 'sft.answer'"),
+        (
+            {"prompt": "3+1=", **truth, "sft": {"answer": 4}},
+            "'sft.answer' is not a string or a list of strings",
+        ),
+        (
+            {"prompt": "3+1=", **truth, "sft": {"answer": ["4", 5]}},
+            "'sft.answer' is not a string or a list of strings",
+        ),
+        (
+            {"prompt": "3+1=", **truth, "sft": {"answer": []}},
+            "'sft.answer' is empty or holds an empty response",
+        ),
+        (
+            {"prompt": "3+1=", **truth, "sft": {"answer": " "}},
+            "'sft.answer' is empty or holds an empty response",
+        ),
+    ]
+    train_file = write_jsonl(tmp_path / "train.jsonl", good + [row for row, _ in bad])
+    val_file = write_jsonl(
+        tmp_path / "val.jsonl", [{"prompt": "5+5=", "reward_model": {"ground_truth": "10"}}]
+    )
+    data = cfg(train_files=[str(train_file)], val_files=[str(val_file)], reference_response_key="sft.answer")
+    train, val = build_datasets(data, tok)
+    assert [r.reference_responses for r in train] == [("4",), ("4", "5 ")]
+    assert train.skipped == Counter(reason for _, reason in bad) and train.num_skipped == len(bad)
+    assert len(val) == 1 and val[0].reference_responses == () and not val.skipped
+
+    batch = PromptLoader(train, batch_size=3, shuffle=False, seed=0).next_batch()
+    assert list(batch["reference_responses"]) == [("4",), ("4", "5 "), ("4",)]  # into the next epoch
+    assert "reference_responses" not in PromptLoader(val, batch_size=1, shuffle=False, seed=0).next_batch()
+    # Without the key nothing is read and the column is absent.
+    plain = PromptDataset.from_files([str(train_file)], cfg(), tok)
+    assert len(plain) == len(good) + len(bad) and all(r.reference_responses == () for r in plain)
 
 
 def test_build_datasets_from_the_task(tok):

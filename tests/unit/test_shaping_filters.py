@@ -24,6 +24,9 @@ from tidal.algorithms import (
     linear_schedule,
 )
 from tidal.algorithms.filters import max_variance_subset
+from tidal.controller.programs.batch_tasks import attach_baselines, reference_rows
+from tidal.dataflow.batch import Batch
+from tidal.workers.rewards.scorer import score_batch
 
 SETTINGS = settings(max_examples=40, deadline=None)
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "algorithms.md"
@@ -115,6 +118,49 @@ def test_par_hand_computed():
     assert shaped.item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="reward_baselines"):
         REWARD_SHAPERS.get("par")(torch.zeros(2), None, reward_baselines=torch.zeros(3))
+
+
+def test_par_data_baseline_averages_over_each_prompts_own_references():
+    """Ragged references (NaN-padded by attach_baselines) count only where present."""
+    par = REWARD_SHAPERS.get("par")
+    nan = float("nan")
+    refs = torch.tensor([[0.0, 2.0, nan], [1.0, nan, nan], [0.0, 0.0, 0.0]])
+    shaped, metrics = par(torch.tensor([1.0, 1.0, 1.0]), None, reward_baselines=refs, baseline="data")
+    assert shaped.tolist() == pytest.approx([0.5, 0.5, 1 / (1 + math.exp(-1))])
+    assert metrics["shaping/par_ref_reward_mean"] == pytest.approx(3 / 6)  # present references only
+    assert not shaped.isnan().any()
+    with pytest.raises(ValueError, match="greedy response went unscored"):
+        par(torch.ones(3), None, reward_baselines=refs)  # greedy: a NaN is a bug
+    with pytest.raises(ValueError, match="all NaN"):
+        par(torch.ones(1), None, reward_baselines=torch.tensor([[nan, nan]]), baseline="data")
+
+
+def test_par_data_baseline_rows_and_attached_rewards_follow_the_prompts():
+    prompts = Batch.from_dict(
+        {"prompt_ids": torch.zeros((2, 3), dtype=torch.int64)},
+        {
+            "uid": ["p0", "p1"],
+            "prompt_text": ["2+2=", "1+1="],
+            "ground_truth": ["4", "2"],
+            "reference_responses": [("4", "5"), ("2",)],
+        },
+    )
+    rows = reference_rows(prompts)
+    assert list(rows["uid"]) == ["p0", "p0", "p1"] and list(rows["response_text"]) == ["4", "5", "2"]
+    assert list(rows["prompt_text"]) == ["2+2=", "2+2=", "1+1="] and list(rows["ground_truth"]) == [
+        "4",
+        "4",
+        "2",
+    ]
+    scored, _ = score_batch(rows, "arithmetic")  # the scorer's input columns are all there
+    scored = rows.union(scored)
+    assert scored["seq_reward"].tolist() == [1.0, 0.0, 1.0]
+    samples = Batch.from_dict({"x": torch.zeros(3)}, {"uid": ["p1", "p0", "p0"]})
+    baselines = attach_baselines(samples, scored)["reward_baselines"]
+    assert baselines[:, 0].tolist() == [1.0, 1.0, 1.0] and baselines[0, 1].isnan()
+    assert baselines[1:, 1].tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="no reference_responses"):
+        reference_rows(prompts.select("uid", "prompt_text", "ground_truth"))
 
 
 # -------------------------------------------------------------------------------- combination

@@ -5,8 +5,9 @@ of reward models) to one reward:
 
     fn(components [N, K], **params) -> (reward [N], metrics)
 
-The preference-as-reward transform compares the policy's reward with a reference response's; it
-needs the sequence reward and the program's reference rewards, so it is a reward shaper
+The preference-as-reward transform compares the policy's reward with reference responses' (the
+policy's greedy response, or the data's); it needs the sequence reward and the program's reference
+rewards, so it is a reward shaper
 (`REWARD_SHAPERS["par"]`, signature in `shaping.py`). Nothing here carries a gradient.
 """
 
@@ -96,17 +97,21 @@ def preference_as_reward(
     *,
     group_ids: Sequence[Hashable] | None = None,
     reward_baselines: torch.Tensor,
+    baseline: str = "greedy",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PAR (Fu et al. 2025, "Reward Shaping to Mitigate Reward Hacking in RLHF", arXiv 2502.18770).
 
     reward = mean_m sigmoid(r - r_ref_m), where `reward_baselines` r_ref [N] or [N, M] are the
     rewards of M reference responses to the same prompt, scored by the program. The paper samples
-    them from the SFT (reference) model; the programs here use the greedy response of the current
-    policy (the one ReMax uses), which equals the paper's at the start of training.
+    them from the SFT (reference) model. `baseline` says which the program scored (the config's
+    `baseline`): "greedy", the current policy's greedy response (the one ReMax uses), which equals
+    the paper's only at the start of training; or "data", the dataset's reference responses (e.g.
+    the SFT model's, as in the paper), as many per prompt as the row gives: prompts with fewer than
+    M are padded with NaN, which the mean skips. A NaN is an error with the greedy baseline.
     Bounded in (0, 1) and steepest near the reference, so pushing a reward model far past the
     reference earns almost nothing: the incentive to hack it vanishes.
     """
-    ref_rewards = reward_baselines
+    ref_rewards = reward_baselines.to(seq_reward.dtype)
     if ref_rewards.dim() == 1:
         ref_rewards = ref_rewards.unsqueeze(-1)
     if seq_reward.dim() != 1 or ref_rewards.dim() != 2 or len(ref_rewards) != len(seq_reward):
@@ -114,6 +119,16 @@ def preference_as_reward(
             f"par needs seq_reward [N] and reward_baselines [N] or [N, M]; got {tuple(seq_reward.shape)} "
             f"and {tuple(ref_rewards.shape)}"
         )
-    shaped = torch.sigmoid(seq_reward.unsqueeze(-1) - ref_rewards.to(seq_reward.dtype)).mean(dim=-1)
-    metrics = {"shaping/par_mean": float(shaped.mean()) if len(shaped) else 0.0}
+    present = ~ref_rewards.isnan()
+    if baseline != "data" and not bool(present.all()):
+        raise ValueError(
+            f"par baseline={baseline!r} got NaN reward_baselines: a greedy response went unscored"
+        )
+    if len(ref_rewards) and not bool(present.any(dim=-1).all()):
+        raise ValueError("par got a sample whose reward_baselines are all NaN: its prompt has no reference")
+    shaped = torch.sigmoid(seq_reward.unsqueeze(-1) - ref_rewards).nanmean(dim=-1)
+    metrics = {
+        "shaping/par_mean": float(shaped.mean()) if len(shaped) else 0.0,
+        "shaping/par_ref_reward_mean": float(ref_rewards.nanmean()) if len(shaped) else 0.0,
+    }
     return shaped, metrics

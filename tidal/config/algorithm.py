@@ -93,10 +93,17 @@ class LengthPenaltyShaping(StrictModel):
 
 
 class PARShaping(StrictModel):
-    """Preference as reward: sigmoid(r - r_ref), r_ref the reward of the policy's greedy response
-    to the same prompt (the program generates and scores it)."""
+    """Preference as reward: mean_m sigmoid(r - r_ref_m), r_ref_m the rewards of reference responses
+    to the same prompt, which the program scores. `baseline` picks them:
+    - "greedy": the current policy's greedy response (the program generates it each step); it
+      equals the paper's reference, the SFT model's response, only at the start of training;
+    - "data": the responses the dataset gives per prompt (data.reference_response_key), e.g.
+      sampled from the SFT model beforehand as in the paper; nothing extra is generated."""
 
     type: Literal["par"] = "par"
+    baseline: Literal["greedy", "data"] = Field(
+        "greedy", description="greedy: the policy's greedy response; data: data.reference_response_key"
+    )
 
 
 RewardShaping = Annotated[OverlongShaping | LengthPenaltyShaping | PARShaping, Field(discriminator="type")]
@@ -275,10 +282,34 @@ class AlgorithmConfig(StrictModel):
                 )
         return data
 
+    @model_validator(mode="after")
+    def _one_source_of_reward_baselines(self) -> AlgorithmConfig:
+        """ReMax and every PAR section share one `reward_baselines` column, so they must agree on
+        where it comes from: a column of greedy rewards cannot also hold the data references'."""
+        baselines = sorted({s.baseline for s in self.reward_shaping if s.type == "par"})
+        if len(baselines) > 1:
+            raise ValueError(
+                f"algorithm.reward_shaping has par sections with baseline={baselines}; they share one "
+                "column of reference rewards, so give them the same baseline (or keep one par section)"
+            )
+        if self.advantage_estimator == "remax" and baselines == ["data"]:
+            raise ValueError(
+                "algorithm.advantage_estimator=remax with algorithm.reward_shaping par baseline=data: both "
+                "would write the reward_baselines column (ReMax needs the greedy response's reward, PAR "
+                "data the references'); use par baseline=greedy with remax, or another estimator (grpo)"
+            )
+        return self
+
+    @property
+    def par_baseline(self) -> Literal["greedy", "data"] | None:
+        """The `baseline` of the par shaping sections (they agree), None without one."""
+        return next((s.baseline for s in self.reward_shaping if s.type == "par"), None)
+
     @property
     def needs_reward_baselines(self) -> bool:
-        """ReMax and PAR compare each sample's reward with that of a greedy response."""
-        return self.advantage_estimator == "remax" or any(s.type == "par" for s in self.reward_shaping)
+        """ReMax compares each sample's reward with a greedy response's; PAR with a greedy response's
+        or with the data's reference responses' (`par_baseline`)."""
+        return self.advantage_estimator == "remax" or self.par_baseline is not None
 
     @property
     def needs_trainer_log_probs(self) -> bool:

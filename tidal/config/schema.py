@@ -114,6 +114,11 @@ class DataConfig(StrictModel):
     max_response_length: int = Field(
         512, ge=1, description="preference pairs: a longer chosen/rejected response (EOS included) is skipped"
     )
+    reference_response_key: str | None = Field(
+        None,
+        description="PAR with baseline=data: dotted path of a train row's reference response(s), a string "
+        "or a list of strings (rows without one are skipped)",
+    )
     apply_chat_template: bool = False
     max_prompt_length: int = Field(512, ge=1)
     shuffle: bool = True
@@ -405,12 +410,36 @@ class JobConfig(StrictModel):
                     f"data.{pair_keys[0]} describes preference pairs but algorithm.preference is not set; "
                     f"set algorithm.preference.type (dpo, simpo or redi) or remove data.{pair_keys[0]}"
                 )
+        self._check_reference_responses()
         if self.rollout.pool != self.actor.pool:
             raise ValueError(
                 f"rollout.pool={self.rollout.pool!r} differs from actor.pool={self.actor.pool!r}; "
                 "this release syncs weights in-process only, so colocate them (same pool)"
             )
         return self
+
+    def _check_reference_responses(self) -> None:
+        """PAR's data baseline and data.reference_response_key go together, and need data files."""
+        key = self.data.reference_response_key
+        if self.algorithm.par_baseline == "data":
+            if key is None:
+                raise ValueError(
+                    "algorithm.reward_shaping par baseline=data scores the dataset's reference responses, "
+                    "but data.reference_response_key is not set; set it to the rows' reference column "
+                    "(e.g. data.reference_response_key=reference) or use par baseline=greedy"
+                )
+            if not self.data.train_files:
+                raise ValueError(
+                    "algorithm.reward_shaping par baseline=data needs reference responses in the data, but "
+                    f"data.train_files is empty and the built-in task ({self.data.task.type}) has none; "
+                    "give data.train_files with a reference column or use par baseline=greedy"
+                )
+        elif key is not None:
+            raise ValueError(
+                f"data.reference_response_key={key!r} but nothing reads it (only algorithm.reward_shaping "
+                "par with baseline=data does); add {type: par, baseline: data} to algorithm.reward_shaping "
+                "or remove data.reference_response_key"
+            )
 
     def _check_preference(self) -> None:
         """Offline preference training has no rewards, critic or KL term: settings for them are mistakes."""

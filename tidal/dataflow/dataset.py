@@ -4,15 +4,21 @@ Rows come from jsonl or parquet files in verl's layout, or from the built-in ari
 
     {"prompt": [{"role": "user", "content": "..."}] or "...",   # data.prompt_key
      "reward_model": {"ground_truth": "72"},                     # data.ground_truth_key (dotted)
-     "data_source": "gsm8k"}                                     # optional (default: file name)
+     "data_source": "gsm8k",                                     # optional (default: file name)
+     "reference": "..." or ["...", ...]}                         # data.reference_response_key (dotted)
+
+The reference responses (only read when data.reference_response_key is set, for PAR's data
+baseline) are other models' answers to the prompt, e.g. the SFT model's; the program scores them
+with the reward function to compare the policy's rewards against.
 
 A row that cannot be used (missing prompt or ground truth, unreadable JSON, a prompt longer than
-data.max_prompt_length) is skipped and counted by reason, never fatal: one bad line in a 100k-row
+data.max_prompt_length, no usable reference response when they are read) is skipped and counted by reason, never fatal: one bad line in a 100k-row
 file must not stop a run, but the count must be visible (`skipped`, logged and reported as metrics).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -38,6 +44,9 @@ class PromptRow:
     prompt_ids: tuple[int, ...]
     ground_truth: str
     data_source: str
+    # The data's reference responses to the prompt (data.reference_response_key); empty when not
+    # read. Keyword-only, so subclasses (PairRow) keep their positional fields.
+    reference_responses: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
 
 
 class SkipRow(Exception):
@@ -59,7 +68,9 @@ def lookup(row: dict[str, Any], dotted_key: str) -> Any:
 class RowEncoder:
     """Turns raw rows into PromptRows with one DataConfig and tokenizer."""
 
-    def __init__(self, data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase):
+    def __init__(
+        self, data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, read_references: bool = True
+    ):
         if data_cfg.apply_chat_template and tokenizer.chat_template is None:
             raise ValueError(
                 "data.apply_chat_template=true but the model's tokenizer has no chat template; "
@@ -67,6 +78,8 @@ class RowEncoder:
             )
         self.cfg = data_cfg
         self.tokenizer = tokenizer
+        # Validation rows are never compared with references: they need none.
+        self.reference_key = data_cfg.reference_response_key if read_references else None
 
     def prompt_text(self, prompt: Any) -> str:
         if isinstance(prompt, str):
@@ -107,15 +120,29 @@ class RowEncoder:
         text, ids = self.encode_prompt(prompt)
         return PromptRow(text, ids, str(ground_truth), data_source)
 
+    def reference_responses(self, record: dict[str, Any]) -> tuple[str, ...]:
+        """The row's reference responses: a non-empty string or a non-empty list of them."""
+        assert self.reference_key is not None
+        value = lookup(record, self.reference_key)
+        refs = [value] if isinstance(value, str) else value
+        if not isinstance(refs, (list, tuple)) or not all(isinstance(r, str) for r in refs):
+            raise SkipRow(f"{self.reference_key!r} is not a string or a list of strings")
+        if not refs or not all(r.strip() for r in refs):
+            raise SkipRow(f"{self.reference_key!r} is empty or holds an empty response")
+        return tuple(refs)
+
     def encode_record(self, record: Any, default_source: str) -> PromptRow:
         if not isinstance(record, dict):
             raise SkipRow("row is not an object")
         source = record.get("data_source")  # an optional column of the row, not config
-        return self.encode(
+        row = self.encode(
             record.get(self.cfg.prompt_key),
             lookup(record, self.cfg.ground_truth_key),
             source if isinstance(source, str) and source else default_source,
         )
+        if self.reference_key is None:
+            return row
+        return dataclasses.replace(row, reference_responses=self.reference_responses(record))
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any] | SkipRow]:
@@ -202,8 +229,9 @@ class PromptDataset(Sequence[PromptRow]):
         data_cfg: DataConfig,
         tokenizer: PreTrainedTokenizerBase,
         field: str = "data.train_files",
+        read_references: bool = True,
     ) -> PromptDataset:
-        encoder = RowEncoder(data_cfg, tokenizer)
+        encoder = RowEncoder(data_cfg, tokenizer, read_references)
         rows, skipped = encode_files(paths, field, encoder.encode_record)
         return cls(rows, skipped, f"{field}={list(paths)}", _pad_id(tokenizer))
 
@@ -249,7 +277,9 @@ def build_datasets(
         assert data_cfg.task is not None  # the schema requires files or a task
         train = PromptDataset.from_task(data_cfg.task, "train", data_cfg, tokenizer)
     if data_cfg.val_files:
-        val = PromptDataset.from_files(data_cfg.val_files, data_cfg, tokenizer, "data.val_files")
+        val = PromptDataset.from_files(
+            data_cfg.val_files, data_cfg, tokenizer, "data.val_files", read_references=False
+        )
     elif data_cfg.task is not None:
         val = PromptDataset.from_task(data_cfg.task, "val", data_cfg, tokenizer)
     else:
@@ -264,7 +294,10 @@ def build_datasets(
 
 
 def collate(rows: Sequence[PromptRow], uids: Sequence[str], pad_token_id: int) -> Batch:
-    """Left-padded prompt_ids / prompt_mask plus the text columns, as one Batch."""
+    """Left-padded prompt_ids / prompt_mask plus the text columns, as one Batch.
+
+    Rows read with reference responses add `reference_responses` (a tuple of strings per prompt).
+    """
     width = max((len(r.prompt_ids) for r in rows), default=0)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
     mask = torch.zeros((len(rows), width), dtype=torch.int64)
@@ -272,15 +305,15 @@ def collate(rows: Sequence[PromptRow], uids: Sequence[str], pad_token_id: int) -
         n = len(row.prompt_ids)
         ids[i, width - n :] = torch.tensor(row.prompt_ids, dtype=torch.int64)
         mask[i, width - n :] = 1
-    return Batch.from_dict(
-        {"prompt_ids": ids, "prompt_mask": mask},
-        {
-            "uid": list(uids),
-            "prompt_text": [r.prompt_text for r in rows],
-            "ground_truth": [r.ground_truth for r in rows],
-            "data_source": [r.data_source for r in rows],
-        },
-    )
+    text = {
+        "uid": list(uids),
+        "prompt_text": [r.prompt_text for r in rows],
+        "ground_truth": [r.ground_truth for r in rows],
+        "data_source": [r.data_source for r in rows],
+    }
+    if any(r.reference_responses for r in rows):
+        text["reference_responses"] = [r.reference_responses for r in rows]
+    return Batch.from_dict({"prompt_ids": ids, "prompt_mask": mask}, text)
 
 
 class PromptLoader:

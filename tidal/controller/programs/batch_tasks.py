@@ -1,5 +1,6 @@
 """Small whole-step Ray tasks the stages run with `job.run_task`: join reward components, filter
-groups, keep rows, attach baseline rewards. Each is a plain function of Batches, so it can be tested without Ray.
+groups, keep rows, lay out and attach reference rewards. Each is a plain function of Batches, so it
+can be tested without Ray.
 
 `run_task(fn, batch, *args)` calls `fn(batch.fetch(), *args)` inside a task; further
 DistributedBatches among `args` are fetched in the task too, never on the driver.
@@ -61,11 +62,44 @@ def keep_rows(
     return Batch.concat(kept)
 
 
-def attach_baselines(batch: Batch, greedy: DistributedBatch | Batch) -> Batch:
-    """`reward_baselines` [N]: the reward of the greedy response to each sample's prompt (by uid)."""
-    greedy = greedy.fetch() if isinstance(greedy, DistributedBatch) else greedy
-    by_uid = dict(zip(greedy["uid"], greedy["seq_reward"].tolist()))
+def reference_rows(prompts: Batch) -> Batch:
+    """PAR's data baseline: one row per (prompt, reference response), ready to score like a response.
+
+    The scorer reads prompt_text, response_text, ground_truth and response_mask; the mask (one real
+    token) only places the reward, which this path never uses as a token reward.
+    """
+    if "reference_responses" not in prompts:
+        raise ValueError(
+            "the prompts carry no reference_responses; PAR baseline=data needs data.reference_response_key "
+            "and prompts from data.train_files"
+        )
+    picks = [(i, ref) for i, refs in enumerate(prompts["reference_responses"]) for ref in refs]
+    rows = [i for i, _ in picks]
+    columns = {key: [prompts[key][i] for i in rows] for key in ("uid", "prompt_text", "ground_truth")}
+    return Batch.from_dict(
+        {"response_mask": torch.ones((len(picks), 1), dtype=torch.int64)},
+        columns | {"response_text": [ref for _, ref in picks]},
+    )
+
+
+def attach_baselines(batch: Batch, scored: DistributedBatch | Batch) -> Batch:
+    """`reward_baselines` for each sample, from the scored reference responses of its prompt (by uid).
+
+    One reference per prompt (the greedy response) gives [N]; several (the data's) give [N, M],
+    M the most any prompt has, padded with NaN where a prompt has fewer (PAR averages over the rest).
+    """
+    scored = scored.fetch() if isinstance(scored, DistributedBatch) else scored
+    by_uid: dict[str, list[float]] = {}
+    for uid, reward in zip(scored["uid"], scored["seq_reward"].tolist()):
+        by_uid.setdefault(uid, []).append(reward)
     missing = [uid for uid in batch["uid"] if uid not in by_uid]
     if missing:
-        raise ValueError(f"no greedy response was scored for prompts {missing[:3]}")
-    return Batch.from_dict({"reward_baselines": torch.tensor([by_uid[uid] for uid in batch["uid"]])})
+        raise ValueError(f"no greedy response or data reference was scored for prompts {missing[:3]}")
+    per_sample = [by_uid[uid] for uid in batch["uid"]]
+    width = max((len(r) for r in per_sample), default=1)
+    if width == 1:
+        return Batch.from_dict({"reward_baselines": torch.tensor([r[0] for r in per_sample])})
+    padded = torch.full((len(per_sample), width), float("nan"))
+    for i, rewards in enumerate(per_sample):
+        padded[i, : len(rewards)] = torch.tensor(rewards)
+    return Batch.from_dict({"reward_baselines": padded})

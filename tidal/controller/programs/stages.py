@@ -25,8 +25,12 @@ def generate(job: Job, prompts: Batch, step: int, attempt: int = 0) -> Distribut
     """prompts x n -> responses, response masks, behaviour log-probs, policy version.
 
     `attempt` numbers the generation rounds of one step (dynamic sampling), each with its own seed.
+    The data's reference responses (PAR baseline=data) stay with the prompts: every sample would
+    otherwise carry its prompt's copy through the step.
     """
     seed = job.cfg.trainer.seed * 100_003 + step + attempt * 1_000_003
+    if "reference_responses" in prompts:
+        prompts = prompts.select(*(key for key in prompts.keys() if key != "reference_responses"))
     return job.rollout.generate(prompts, seed=seed, policy_version=job.version)
 
 
@@ -73,10 +77,18 @@ def take_rows(job: Job, batches: list[DistributedBatch], keeps: list[list[bool]]
 
 
 def reward_baselines(job: Job, prompts: Batch, batch: DistributedBatch) -> DistributedBatch:
-    """ReMax / PAR: add `reward_baselines`, the reward of the policy's greedy response to each prompt."""
-    greedy = job.cfg.rollout.sampling.model_copy(update={"temperature": 0.0, "n": 1})
-    responses = job.rollout.generate(prompts, sampling=greedy, seed=0, policy_version=job.version)
-    scored, _ = score(job, responses)
+    """ReMax / PAR: add `reward_baselines`, the rewards of reference responses to each prompt.
+
+    The references are the policy's greedy response (ReMax, PAR baseline=greedy), or the dataset's
+    reference responses (PAR baseline=data: [N, M], nothing generated). Both are scored by `score`,
+    so reward combinations and error counting apply to them as to the samples.
+    """
+    if job.cfg.algorithm.par_baseline == "data":
+        references = DistributedBatch.from_batch(batch_tasks.reference_rows(prompts))
+    else:
+        greedy = job.cfg.rollout.sampling.model_copy(update={"temperature": 0.0, "n": 1})
+        references = job.rollout.generate(prompts, sampling=greedy, seed=0, policy_version=job.version)
+    scored, _ = score(job, references)
     baselines = job.run_task(
         batch_tasks.attach_baselines, batch.select("uid"), scored.select("uid", "seq_reward")
     )
