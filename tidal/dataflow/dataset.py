@@ -165,6 +165,18 @@ def read_records(path: Path) -> Iterator[dict[str, Any] | SkipRow]:
         raise AssertionError(f"unsupported suffix {path.suffix}")  # checked by PromptDataset.from_files
 
 
+def encode_each(items: Iterable[Any], encode: Callable[[Any], RowT]) -> tuple[list[RowT], Counter[str]]:
+    """`encode(item)` for every item (a built-in task's problems); SkipRows counted by reason."""
+    rows: list[RowT] = []
+    skipped: Counter[str] = Counter()
+    for item in items:
+        try:
+            rows.append(encode(item))
+        except SkipRow as reason:
+            skipped[str(reason)] += 1
+    return rows, skipped
+
+
 def encode_files(
     paths: Sequence[str], field: str, encode: Callable[[dict[str, Any], str], RowT]
 ) -> tuple[list[RowT], Counter[str]]:
@@ -246,13 +258,10 @@ class PromptDataset(Sequence[PromptRow]):
         from tidal.tasks.arithmetic import DATA_SOURCE, make_split
 
         encoder = RowEncoder(data_cfg, tokenizer)
-        rows: list[PromptRow] = []
-        skipped: Counter[str] = Counter()
-        for problem in make_split(task, split):
-            try:
-                rows.append(encoder.encode(problem.prompt, problem.answer, DATA_SOURCE))
-            except SkipRow as reason:
-                skipped[str(reason)] += 1
+        rows, skipped = encode_each(
+            make_split(task, split),
+            lambda problem: encoder.encode(problem.prompt, problem.answer, DATA_SOURCE),
+        )
         return cls(rows, skipped, f"data.task ({split})", _pad_id(tokenizer))
 
 

@@ -21,7 +21,6 @@ separates a pair.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from tidal.dataflow.dataset import (
     SkipRow,
     _pad_id,
     collate,
+    encode_each,
     encode_files,
     lookup,
 )
@@ -129,13 +129,10 @@ class PairDataset(PromptDataset):
         from tidal.tasks.arithmetic import DATA_SOURCE, make_pairs
 
         encoder = PairEncoder(data_cfg, tokenizer)
-        rows: list[PairRow] = []
-        skipped: Counter[str] = Counter()
-        for pair in make_pairs(task, split):
-            try:
-                rows.append(encoder.encode(pair.prompt, pair.chosen, pair.rejected, DATA_SOURCE))
-            except SkipRow as reason:
-                skipped[str(reason)] += 1
+        rows, skipped = encode_each(
+            make_pairs(task, split),
+            lambda pair: encoder.encode(pair.prompt, pair.chosen, pair.rejected, DATA_SOURCE),
+        )
         return cls(rows, skipped, f"data.task ({split} pairs)", _pad_id(tokenizer))
 
     def collate(self, rows: Sequence[PromptRow], uids: Sequence[str]) -> Batch:
