@@ -1,6 +1,6 @@
 """The algorithm section drives a real run: two GRPO steps of a tiny model with DAPO dynamic sampling,
-the overlong penalty, SAPO, high-entropy token selection and truncated importance sampling, all
-picked from config and run by the unchanged program (tiny model, about 30 s)."""
+the overlong penalty, PAR against greedy responses, SAPO, high-entropy token selection and truncated
+importance sampling, all picked from config and run by the unchanged program (tiny model, ~30 s)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_configured_plugins_run_in_the_grpo_program(tmp_path):
             "actor.policy_loss=sapo",
             "actor.sapo_tau_neg=2.0",
             "algorithm.dynamic_sampling={type: zero_variance, max_rounds: 20}",
-            "algorithm.reward_shaping=[{type: overlong, buffer_length: 2}]",
+            "algorithm.reward_shaping=[{type: overlong, buffer_length: 2}, {type: par}]",
             "algorithm.token_selection={type: high_entropy, top_ratio: 0.5}",
             "algorithm.off_policy={type: tis, threshold: 2.0}",
         ],
@@ -59,6 +59,8 @@ def test_configured_plugins_run_in_the_grpo_program(tmp_path):
         assert row["dynamic_sampling/kept_groups"] == 4  # the step was filled with varying groups
         assert row["dynamic_sampling/rounds"] >= 1
         assert row["shaping/overlong_penalty_mean"] <= 0
+        assert 0 < row["shaping/par_mean"] < 1  # PAR against the greedy responses, scored each step
+        assert 0 <= row["baseline_reward/mean"] <= 1 and row["baseline_reward/num_errors"] == 0
         assert 0.5 <= row["tokens/pg_fraction"] < 0.75  # top half of the tokens by entropy
         assert row["off_policy/is_mean"] == pytest.approx(1.0, abs=1e-3)  # same weights both sides
         assert row["actor/grad_norm"] > 0

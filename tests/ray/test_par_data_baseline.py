@@ -68,5 +68,6 @@ def test_par_scores_the_datas_reference_responses(tmp_path):
     assert [row["step"] for row in rows] == [1, 2]
     for row in rows:
         assert row["shaping/par_ref_reward_mean"] == 1.0  # the data's references, all right answers
+        assert row["baseline_reward/mean"] == 1.0 and row["baseline_reward/num_errors"] == 0
         assert 0 < row["shaping/par_mean"] <= 0.5  # sigmoid(r - 1) with r <= 1
         assert row["reward/num_errors"] == 0

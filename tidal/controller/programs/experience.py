@@ -28,7 +28,8 @@ def make_experience(job: Job, step: int) -> tuple[DistributedBatch, dict[str, fl
     batch, prompts, metrics = sample(job, step)
 
     if cfg.algorithm.needs_reward_baselines:
-        batch = stages.reward_baselines(job, prompts, batch)
+        batch, baseline_metrics = stages.reward_baselines(job, prompts, batch)
+        metrics |= baseline_metrics
     if cfg.reference_enabled:
         batch = stages.reference_log_probs(job, batch)
     if job.needs_old_log_probs or cfg.algorithm.needs_trainer_log_probs:

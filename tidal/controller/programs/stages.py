@@ -76,23 +76,28 @@ def take_rows(job: Job, batches: list[DistributedBatch], keeps: list[list[bool]]
     return job.run_task(batch_tasks.keep_rows, batches[0], batches[1:], keeps)
 
 
-def reward_baselines(job: Job, prompts: Batch, batch: DistributedBatch) -> DistributedBatch:
+def reward_baselines(
+    job: Job, prompts: Batch, batch: DistributedBatch
+) -> tuple[DistributedBatch, dict[str, float]]:
     """ReMax / PAR: add `reward_baselines`, the rewards of reference responses to each prompt.
 
     The references are the policy's greedy response (ReMax, PAR baseline=greedy), or the dataset's
     reference responses (PAR baseline=data: [N, M], nothing generated). Both are scored by `score`,
-    so reward combinations and error counting apply to them as to the samples.
+    so reward combinations and error counting apply to them as to the samples; their reward
+    metrics come back as `baseline_reward/*`.
     """
     if job.cfg.algorithm.par_baseline == "data":
         references = DistributedBatch.from_batch(batch_tasks.reference_rows(prompts))
     else:
         greedy = job.cfg.rollout.sampling.model_copy(update={"temperature": 0.0, "n": 1})
         references = job.rollout.generate(prompts, sampling=greedy, seed=0, policy_version=job.version)
-    scored, _ = score(job, references)
+    scored, metrics = score(job, references)
     baselines = job.run_task(
         batch_tasks.attach_baselines, batch.select("uid"), scored.select("uid", "seq_reward")
     )
-    return batch.union(baselines)
+    return batch.union(baselines), {
+        f"baseline_reward/{key.removeprefix('reward/')}": value for key, value in metrics.items()
+    }
 
 
 def reference_log_probs(job: Job, batch: DistributedBatch) -> DistributedBatch:
