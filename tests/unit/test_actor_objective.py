@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tidal.algorithms import POLICY_LOSSES, aggregate_loss, count_valid
-from tidal.algorithms.objective import actor_objective, kl_loss_coef, pg_share, pg_share_counts
+from tidal.algorithms.aggregation import GlobalCounts
+from tidal.algorithms.objective import actor_objective, kl_loss_coef
 from tidal.config.schema import ActorConfig
 
 
@@ -27,24 +28,41 @@ def random_step(seed: int = 0, n: int = 6, width: int = 5) -> dict[str, torch.Te
     }
 
 
+def engine_counts(step: dict[str, torch.Tensor]) -> GlobalCounts:
+    """What the engine all-reduces for a mini-batch: response_mask, plus pg_mask's counts."""
+    full = count_valid(step["response_mask"])
+    return GlobalCounts(full.num_tokens, full.num_sequences, {"pg_mask": count_valid(step["pg_mask"])})
+
+
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_pg_mask_pieces_add_up_to_the_loss_on_the_selected_tokens(mode):
+def test_pg_mask_pieces_add_up_to_each_mini_batchs_loss_on_its_selected_tokens(mode):
+    """Exact per mini-batch, even when the mini-batches keep different shares of their tokens."""
     step = random_step()
     cfg = ActorConfig(loss_agg_mode=mode)
     log_probs = step["log_probs"].requires_grad_()
-    share = pg_share(pg_share_counts(step["pg_mask"], step["response_mask"]))
-    counts = count_valid(step["response_mask"])  # what the engine all-reduces
-    total = 0.0
-    for lo, hi in [(0, 2), (2, 3), (3, 6)]:
-        micro = {key: value[lo:hi] for key, value in step.items()}
-        loss, _, _ = actor_objective(
-            log_probs[lo:hi], micro["entropy"], micro, counts, cfg, on_policy=False, kl_coef=0.0, share=share
+    for mini_lo, mini_hi, micros in [(0, 3, [(0, 2), (2, 3)]), (3, 6, [(3, 4), (4, 6)])]:
+        mini = {key: value[mini_lo:mini_hi] for key, value in step.items()}
+        counts = engine_counts(mini)
+        total = 0.0
+        for lo, hi in micros:
+            micro = {key: value[lo:hi] for key, value in step.items()}
+            loss, _, _ = actor_objective(
+                log_probs[lo:hi], micro["entropy"], micro, counts, cfg, on_policy=False, kl_coef=0.0
+            )
+            total = total + loss
+        expected, _ = POLICY_LOSSES.get("vanilla")(
+            log_probs[mini_lo:mini_hi], mini["old_log_probs"], mini["advantages"], mini["pg_mask"], config=cfg
         )
-        total = total + loss
-    expected, _ = POLICY_LOSSES.get("vanilla")(
-        log_probs, step["old_log_probs"], step["advantages"], step["pg_mask"], config=cfg
-    )
-    torch.testing.assert_close(total, expected)
+        torch.testing.assert_close(total, expected)
+
+
+def test_pg_mask_without_its_counts_is_a_clear_error():
+    step = random_step()
+    with pytest.raises(KeyError, match="count_masks=\\('pg_mask',\\)"):
+        actor_objective(
+            step["log_probs"], step["entropy"], step, count_valid(step["response_mask"]), ActorConfig(),
+            on_policy=False, kl_coef=0.0,
+        )  # fmt: skip
 
 
 def test_entropy_bonus_kl_term_and_on_policy_ratio():

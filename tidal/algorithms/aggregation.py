@@ -15,7 +15,8 @@ gradients over ranks (FSDP, DDP) need the loss multiplied by the data-parallel s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,13 +41,30 @@ LOSS_AGG_ALIASES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class GlobalCounts:
-    """Valid tokens and non-empty sequences of a whole mini-batch (summed over micro-batches and ranks)."""
+    """Valid tokens and non-empty sequences of a whole mini-batch (summed over micro-batches and ranks).
+
+    `masks` holds the same counts for other masks of the mini-batch, by column name (e.g. "pg_mask",
+    when the policy gradient is restricted to some tokens, so its loss divides by their counts).
+    """
 
     num_tokens: float
     num_sequences: float
+    masks: Mapping[str, GlobalCounts] = field(default_factory=dict)
 
     def __add__(self, other: GlobalCounts) -> GlobalCounts:
-        return GlobalCounts(self.num_tokens + other.num_tokens, self.num_sequences + other.num_sequences)
+        masks = {k: self.masks[k] + other.masks[k] for k in self.masks.keys() & other.masks.keys()}
+        return GlobalCounts(
+            self.num_tokens + other.num_tokens, self.num_sequences + other.num_sequences, masks
+        )
+
+    def of(self, mask: str) -> GlobalCounts:
+        """The counts of column `mask` (the engine counts the masks its caller names)."""
+        if mask not in self.masks:
+            raise KeyError(
+                f"no global counts for {mask!r} (have {sorted(self.masks)}); the engine counts a mask "
+                f"when its train() gets count_masks=({mask!r},)"
+            )
+        return self.masks[mask]
 
 
 Denominator = float | int | torch.Tensor | GlobalCounts | None

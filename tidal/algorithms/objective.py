@@ -8,9 +8,9 @@ without processes. The policy loss and the KL estimator are picked by name from 
 
 Normalisation: every term divides by the GLOBAL counts of the mini-batch (`aggregation.py`). When
 the advantage task restricted the policy gradient to `pg_mask` (token selection, masked importance
-sampling), the engine's counts still describe `response_mask`; `pg_share` (from `pg_share_counts`
-summed over the step) scales them to the counts of `pg_mask`: exactly when the step is one
-mini-batch, in expectation over mini-batches otherwise. The entropy and KL terms keep the full mask.
+sampling), the policy loss divides by the mini-batch's counts of `pg_mask` (`counts.of("pg_mask")`,
+which the engine computes when asked to), so each mini-batch's loss is exactly the loss on its
+selected tokens. The entropy and KL terms keep the full mask.
 """
 
 from __future__ import annotations
@@ -29,22 +29,6 @@ if TYPE_CHECKING:
     from tidal.config.schema import ActorConfig
 
 
-def pg_share_counts(pg_mask: torch.Tensor, response_mask: torch.Tensor) -> list[float]:
-    """[pg tokens, valid tokens, sequences with pg tokens, non-empty sequences] of a batch piece;
-    sum them over all pieces of the step, then `pg_share` = (tokens ratio, sequences ratio)."""
-    return [
-        float(pg_mask.sum()),
-        float(response_mask.sum()),
-        float((pg_mask.sum(-1) > 0).sum()),
-        float((response_mask.sum(-1) > 0).sum()),
-    ]
-
-
-def pg_share(totals: list[float]) -> tuple[float, float]:
-    pg_tokens, tokens, pg_seqs, seqs = totals
-    return pg_tokens / max(tokens, 1.0), pg_seqs / max(seqs, 1.0)
-
-
 def actor_objective(
     log_probs: torch.Tensor,
     entropy: torch.Tensor,
@@ -54,21 +38,19 @@ def actor_objective(
     *,
     on_policy: bool,
     kl_coef: float,
-    share: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
     """(loss, terms that sum over micro-batches, token means) for one micro-batch.
 
     `micro` holds response_mask, advantages, and as configured old_log_probs (absent when
     `on_policy`: the detached current log-probs stand in), pg_mask and is_weights, ref_log_probs
-    and seq_reward (KL loss with reward-guided masking). `share` is `pg_share(...)` when a pg_mask
-    is used. `kl_coef` is this step's KL-loss coefficient (annealed by the caller for KDRL).
+    and seq_reward (KL loss with reward-guided masking); with a pg_mask, `counts.of("pg_mask")` must
+    be there. `kl_coef` is this step's KL-loss coefficient (annealed by the caller for KDRL).
     """
     mask = micro["response_mask"]
     old_log_probs = log_probs.detach() if on_policy else micro["old_log_probs"]
     pg_mask, pg_counts = mask, counts
-    if share is not None:
-        pg_mask = micro["pg_mask"]
-        pg_counts = GlobalCounts(counts.num_tokens * share[0], counts.num_sequences * share[1])
+    if "pg_mask" in micro:
+        pg_mask, pg_counts = micro["pg_mask"], counts.of("pg_mask")
     pg_loss, pg_metrics = POLICY_LOSSES.get(config.policy_loss)(
         log_probs,
         old_log_probs,

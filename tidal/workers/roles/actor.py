@@ -22,7 +22,7 @@ from functools import partial
 import torch
 
 from tidal.algorithms import POLICY_LOSSES, GlobalCounts
-from tidal.algorithms.objective import actor_objective, kl_loss_coef, pg_share, pg_share_counts
+from tidal.algorithms.objective import actor_objective, kl_loss_coef
 from tidal.config.schema import JobConfig
 from tidal.dataflow.batch import Batch
 from tidal.resharding.fsdp_source import fsdp_source
@@ -112,14 +112,14 @@ class ActorRole:
             keys += ("ref_log_probs",)
             if actor.kl_loss_correct_threshold is not None:
                 keys += ("seq_reward",)
-        share = self._pg_share(batch) if "pg_mask" in batch else None
-        loss_fn = partial(self._loss, on_policy=on_policy, kl_coef=kl_loss_coef(actor, step), share=share)
+        loss_fn = partial(self._loss, on_policy=on_policy, kl_coef=kl_loss_coef(actor, step))
         metrics = self.engine.train(
             columns_of(batch, keys, "actor.update"),
             num_mini_batches=self.cfg.sizes.num_mini_batches,
             micro_batch_size=actor.micro_batch_size_per_rank,
             epochs=actor.epochs,
             loss_fn=loss_fn,
+            count_masks=("pg_mask",) if "pg_mask" in batch else (),
             temperature=self.temperature,
             with_entropy=True,
         )
@@ -139,10 +139,6 @@ class ActorRole:
         from tidal.workers.roles import preference
 
         return preference.evaluate(self.engine, self.cfg, batch)
-
-    def _pg_share(self, batch: Batch) -> tuple[float, float]:
-        """How much of the step `pg_mask` keeps, over all ranks (tidal.algorithms.objective)."""
-        return pg_share(self.engine.all_reduce(pg_share_counts(batch["pg_mask"], batch["response_mask"])))
 
     def _check_on_policy(self) -> None:
         sizes, actor = self.cfg.sizes, self.cfg.actor
@@ -164,7 +160,6 @@ class ActorRole:
         *,
         on_policy: bool,
         kl_coef: float,
-        share: tuple[float, float] | None,
     ) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
         log_probs, entropy = outputs
         return actor_objective(
@@ -175,7 +170,6 @@ class ActorRole:
             self.cfg.actor,
             on_policy=on_policy,
             kl_coef=kl_coef,
-            share=share,
         )
 
     def export_weights(self) -> WeightSource:

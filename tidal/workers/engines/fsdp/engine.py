@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import astuple
 from typing import Any, Literal
 
 import numpy as np
@@ -246,6 +245,21 @@ class FSDPEngine:
         order = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
         return [None if col[0] is None else _in_original_order(torch.cat(col), order) for col in zip(*pieces)]
 
+    def global_counts(
+        self, columns: dict[str, torch.Tensor], count_masks: tuple[str, ...] = ()
+    ) -> GlobalCounts:
+        """Counts of response_mask and of `count_masks` over these rows of every rank (one all-reduce)."""
+        names = ("response_mask", *count_masks)
+        local: list[float] = []
+        for name in names:
+            counts = count_valid(columns[name])
+            local += [counts.num_tokens, counts.num_sequences]
+        totals = self.all_reduce(local)
+        per_mask = [GlobalCounts(totals[2 * i], totals[2 * i + 1]) for i in range(len(names))]
+        return GlobalCounts(
+            per_mask[0].num_tokens, per_mask[0].num_sequences, dict(zip(count_masks, per_mask[1:]))
+        )
+
     def train(
         self,
         columns: dict[str, torch.Tensor],
@@ -254,6 +268,7 @@ class FSDPEngine:
         micro_batch_size: int,
         epochs: int,
         loss_fn: LossFn,
+        count_masks: tuple[str, ...] = (),
         **forward_kwargs: Any,
     ) -> dict[str, float]:
         """`epochs` passes over this rank's share, one optimizer step per mini-batch.
@@ -262,7 +277,8 @@ class FSDPEngine:
         piece k of every rank), each into micro-batches whose gradients accumulate (samples
         sorted by length within the mini-batch for the layouts with rows).
         `loss_fn(outputs, micro_batch, counts)` gets the model outputs as [n, R] tensors, the
-        micro-batch's columns and the GLOBAL `GlobalCounts` of the mini-batch, and returns
+        micro-batch's columns and the GLOBAL `GlobalCounts` of the mini-batch (of response_mask, and
+        of each column in `count_masks` under `counts.of(name)`), and returns
         (loss, sums, means): `sums` are loss terms that add up over micro-batches and ranks to the
         mini-batch's value; `means` are token means of the micro-batch (weighted by its tokens).
         Returns step sums and token means, plus grad_norm (mean), lr (last) and skipped_steps,
@@ -276,7 +292,7 @@ class FSDPEngine:
         for _ in range(epochs):
             for start, stop in even_bounds(columns["response_ids"].shape[0], num_mini_batches):
                 mini = {key: value[start:stop] for key, value in columns.items()}
-                counts = GlobalCounts(*self.all_reduce(list(astuple(count_valid(mini["response_mask"])))))
+                counts = self.global_counts(mini, count_masks)
                 sums: dict[str, float] = {}
                 for index in self.plan_micro_batches(mini, micro_batch_size):
                     batch = self.build(mini, index)
