@@ -5,6 +5,7 @@ importance sampling, all picked from config and run by the unchanged program (ti
 from __future__ import annotations
 
 import pytest
+from tiny_job import ONE_WORKER, QUIET, tiny_model
 
 from tidal.config import load_config
 from tidal.controller.run import train
@@ -18,31 +19,21 @@ def test_configured_plugins_run_in_the_grpo_program(tmp_path):
     cfg = load_config(
         None,
         [
-            f"model.path={tmp_path / 'model'}",
-            "model.build.type=tiny_qwen2",
-            "model.build.num_layers=2",
-            "model.build.hidden_size=64",
-            "model.build.num_heads=2",
-            "model.build.num_kv_heads=1",
-            "model.build.intermediate_size=128",
+            *tiny_model(tmp_path / "model"),
             "model.build.sft_steps=60",  # some answers right, some wrong: groups with reward variance
             "model.build.sft_batch_size=32",
             "data.task.type=arithmetic",
             "data.task.max_digits=1",
             "data.task.num_train=2000",
             "data.task.num_val=8",
-            "resources.pools.default.num_workers=1",
-            "resources.pools.default.cpus_per_worker=1",
-            "reward.num_parallel=1",
+            *ONE_WORKER,
             "rollout.sampling.n=4",
             "rollout.sampling.max_new_tokens=4",
             "trainer.prompts_per_step=4",
             "trainer.total_steps=2",
             "trainer.num_eval_prompts=4",
             f"trainer.output_dir={out}",
-            "logging.progress_bar=false",
-            "logging.tensorboard=false",
-            "logging.plot=false",
+            *QUIET,
             "actor.optim.lr=1e-3",
             "actor.policy_loss=sapo",
             "actor.sapo_tau_neg=2.0",

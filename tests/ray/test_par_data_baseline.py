@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_job import ONE_WORKER, QUIET, tiny_model
 
 from tidal.config import load_config
 from tidal.controller.run import train
@@ -37,29 +38,18 @@ def test_par_scores_the_datas_reference_responses(tmp_path):
     cfg = load_config(
         None,
         [
-            f"model.path={tmp_path / 'model'}",
-            "model.build.type=tiny_qwen2",
-            "model.build.num_layers=1",
-            "model.build.hidden_size=32",
-            "model.build.num_heads=2",
-            "model.build.num_kv_heads=1",
-            "model.build.intermediate_size=64",
-            "model.build.sft_steps=0",
+            *tiny_model(tmp_path / "model", num_layers=1, hidden_size=32, intermediate_size=64),
             f"data.train_files=[{train_file}]",
             f"data.val_files=[{val_file}]",
             "data.reference_response_key=reference",
-            "resources.pools.default.num_workers=1",
-            "resources.pools.default.cpus_per_worker=1",
+            *ONE_WORKER,
             "reward.function=arithmetic",
-            "reward.num_parallel=1",
             "rollout.sampling.n=2",
             "rollout.sampling.max_new_tokens=3",
             "trainer.prompts_per_step=4",
             "trainer.total_steps=2",
             f"trainer.output_dir={out}",
-            "logging.progress_bar=false",
-            "logging.tensorboard=false",
-            "logging.plot=false",
+            *QUIET,
             "algorithm.reward_shaping=[{type: par, baseline: data}]",
         ],
     )

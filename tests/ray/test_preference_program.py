@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_job import ONE_WORKER, QUIET, tiny_model
 
 from tidal.config import load_config
 from tidal.config.schema import ArithmeticTask
@@ -27,21 +28,11 @@ def run(model_path, out, *overrides: str) -> list[dict]:
     cfg = load_config(
         None,
         [
-            f"model.path={model_path}",
-            "model.build.type=tiny_qwen2",
-            "model.build.num_layers=2",
-            "model.build.hidden_size=64",
-            "model.build.num_heads=2",
-            "model.build.num_kv_heads=1",
-            "model.build.intermediate_size=128",
-            "resources.pools.default.num_workers=1",
-            "resources.pools.default.cpus_per_worker=1",
-            "reward.num_parallel=1",
+            *tiny_model(model_path),
+            *ONE_WORKER,
             "trainer.prompts_per_step=16",
             f"trainer.output_dir={out}",
-            "logging.progress_bar=false",
-            "logging.tensorboard=false",
-            "logging.plot=false",
+            *QUIET,
             *overrides,
         ],
     )

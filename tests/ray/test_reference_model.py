@@ -5,6 +5,7 @@ until the policy moves). Two tiny models share the task's tokenizer; about 20 s.
 from __future__ import annotations
 
 import pytest
+from tiny_job import ONE_WORKER, QUIET
 
 from tidal.config import load_config
 from tidal.config.schema import DataConfig, ModelConfig
@@ -31,9 +32,7 @@ def test_kdrl_teacher_in_the_reference_slot(tmp_path):
             "data.task.max_digits=1",
             "data.task.num_train=200",
             "data.task.num_val=8",
-            "resources.pools.default.num_workers=1",
-            "resources.pools.default.cpus_per_worker=1",
-            "reward.num_parallel=1",
+            *ONE_WORKER,
             "rollout.sampling.n=2",
             "rollout.sampling.max_new_tokens=4",
             "trainer.prompts_per_step=2",
@@ -41,9 +40,7 @@ def test_kdrl_teacher_in_the_reference_slot(tmp_path):
             "trainer.eval_every=0",
             "trainer.num_eval_prompts=2",
             f"trainer.output_dir={out}",
-            "logging.progress_bar=false",
-            "logging.tensorboard=false",
-            "logging.plot=false",
+            *QUIET,
             "actor.use_kl_loss=true",
             "actor.kl_loss_type=mse",  # KDRL's k2 estimator
             "actor.kl_loss_coef=0.005",
