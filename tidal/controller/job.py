@@ -103,7 +103,7 @@ class Job:
         self.val_prompts = None
         if cfg.data.task is not None:  # greedy accuracy on the task's held-out problems
             val_prompts = PromptDataset.from_task(cfg.data.task, "val", cfg.data, tokenizer)
-            _, self.val_prompts, _ = _loaders(cfg, val_prompts, val_prompts, "prompts")
+            self.val_prompts = _held_out_batch(cfg, val_prompts)
 
     def shutdown(self) -> Path | None:
         for group in self.groups.values():
@@ -203,6 +203,11 @@ def _loaders(
     report = {f"data/train_{kind}": len(train_set), "data/train_skipped": train_set.num_skipped}
     if val_set is None:
         return loader, None, report
+    val = _held_out_batch(cfg, val_set)
+    return loader, val, report | {f"data/val_{kind}": len(val), "data/val_skipped": val_set.num_skipped}
+
+
+def _held_out_batch(cfg: JobConfig, val_set: PromptDataset) -> Batch:
+    """The first trainer.num_eval_prompts rows of `val_set` (all when 0), in order, as one batch."""
     num_val = min(cfg.trainer.num_eval_prompts or len(val_set), len(val_set))
-    val = PromptLoader(val_set, num_val, shuffle=False, seed=0).next_batch()
-    return loader, val, report | {f"data/val_{kind}": num_val, "data/val_skipped": val_set.num_skipped}
+    return PromptLoader(val_set, num_val, shuffle=False, seed=0).next_batch()

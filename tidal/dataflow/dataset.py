@@ -12,8 +12,9 @@ baseline) are other models' answers to the prompt, e.g. the SFT model's; the pro
 with the reward function to compare the policy's rewards against.
 
 A row that cannot be used (missing prompt or ground truth, unreadable JSON, a prompt longer than
-data.max_prompt_length, no usable reference response when they are read) is skipped and counted by reason, never fatal: one bad line in a 100k-row
-file must not stop a run, but the count must be visible (`skipped`, logged and reported as metrics).
+data.max_prompt_length, no usable reference response when they are read) is skipped and counted by
+reason, never fatal: one bad line in a 100k-row file must not stop a run, but the count must be
+visible (`skipped`, logged and reported as metrics).
 """
 
 from __future__ import annotations
@@ -191,17 +192,14 @@ def encode_files(
             raise ValueError(f"{field} holds {str(f)!r}: only .jsonl and .parquet files are read")
         if not f.is_file():
             raise ValueError(f"{field} holds {str(f)!r}, which does not exist; fix the path")
-    rows: list[RowT] = []
-    skipped: Counter[str] = Counter()
-    for f in files:
-        for record in read_records(f):
-            try:
-                if isinstance(record, SkipRow):
-                    raise record
-                rows.append(encode(record, f.stem))
-            except SkipRow as reason:
-                skipped[str(reason)] += 1
-    return rows, skipped
+
+    def encode_one(item: tuple[dict[str, Any] | SkipRow, str]) -> RowT:
+        record, stem = item
+        if isinstance(record, SkipRow):  # unreadable line, counted like a bad row
+            raise record
+        return encode(record, stem)
+
+    return encode_each(((record, f.stem) for f in files for record in read_records(f)), encode_one)
 
 
 class PromptDataset(Sequence[PromptRow]):
