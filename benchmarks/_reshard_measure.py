@@ -76,13 +76,20 @@ def timed(fn) -> tuple[float, int]:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
     base = _vm("VmRSS:")
-    dist.barrier()
+    _settle()
     start = time.perf_counter()
     fn()
-    dist.barrier()
+    _settle()
     elapsed = torch.tensor([time.perf_counter() - start])
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     return float(elapsed), _vm("VmHWM:") - base
+
+
+def _settle() -> None:
+    """Every process here, with its queued GPU work done (device work is asynchronous)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    dist.barrier()
 
 
 def traffic(plan: Plan, device: int) -> tuple[dict[int, int], dict[int, int]]:
@@ -110,10 +117,11 @@ def raw_exchange_s(
     `local_bytes` > 0 also copies that many bytes within this process while the messages move (the
     plan's local copies, as plain memcpy): the bound for a machine where the wire is memory too.
     """
-    send = {p: torch.ones(n, dtype=torch.uint8) for p, n in out.items()}
-    recv = {p: torch.ones(n, dtype=torch.uint8) for p, n in into.items()}
-    local_src = torch.ones(local_bytes, dtype=torch.uint8)
-    local_dst = torch.zeros(local_bytes, dtype=torch.uint8)
+    dev = transport.device
+    send = {p: torch.ones(n, dtype=torch.uint8, device=dev) for p, n in out.items()}
+    recv = {p: torch.ones(n, dtype=torch.uint8, device=dev) for p, n in into.items()}
+    local_src = torch.ones(local_bytes, dtype=torch.uint8, device=dev)
+    local_dst = torch.zeros(local_bytes, dtype=torch.uint8, device=dev)
 
     def part(buf: torch.Tensor, i: int) -> list[torch.Tensor]:
         n = buf.numel()
@@ -134,7 +142,7 @@ def raw_exchange_s(
 
 def pair_bandwidth(transport: Transport, num_bytes: int) -> float:
     """Bytes per second from process 0 to process 1 while the others wait (one link, uncontended)."""
-    buf = torch.ones(num_bytes, dtype=torch.uint8)
+    buf = torch.ones(num_bytes, dtype=torch.uint8, device=transport.device)
     rank = transport.rank
     seconds, _ = timed(
         lambda: transport.exchange({1: [buf]} if rank == 0 else {}, {0: [buf]} if rank == 1 else {})

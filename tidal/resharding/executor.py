@@ -80,6 +80,7 @@ class ReshardExecutor:
         keep_staging: bool = False,
         min_direct_bytes: int = DEFAULT_MIN_DIRECT_BYTES,
         src_dtype: torch.dtype | None = None,
+        fused_copies: bool | None = None,
     ):
         devices = (*plan.placement.src_devices, *plan.placement.dst_devices)
         if max(devices) >= transport.world_size:
@@ -91,6 +92,7 @@ class ReshardExecutor:
         self.transport = transport
         self.device = transport.rank
         self.keep_staging = keep_staging
+        self.fused_copies = fused_copies  # None: fused on a GPU (messages.copy_all); False: the loop
         self.dtype = plan.spec.torch_dtype
         self.src_dtype = self.dtype if src_dtype is None else src_dtype
         if not (self.src_dtype.is_floating_point or self.src_dtype == self.dtype):
@@ -158,7 +160,7 @@ class ReshardExecutor:
             post(j)
         for k in range(max(n, 1)):
             with clock("local_copy_s"):
-                copy_local(self._copy_shares[k], sources, targets)
+                copy_local(self._copy_shares[k], sources, targets, self.fused_copies)
             if k >= n:
                 break  # nothing to exchange: local copies only
             if depth == 1 and k + 1 < n:  # pack the next bucket into the other half while k flies
@@ -170,7 +172,7 @@ class ReshardExecutor:
                 post(k + 1)
             with clock("unpack_s"):
                 for moves, buf in staged:
-                    unpack(moves, buf, targets)
+                    unpack(moves, buf, targets, self.fused_copies)
             if depth == 2 and k + 2 < n:
                 post(k + 2)  # into bucket k's half, free now that k is unpacked
         if not self.keep_staging:
@@ -223,7 +225,7 @@ class ReshardExecutor:
                         buf = sources[m.src_rank][m.src_tensor][box_slices(m.src_box)].view(-1)
                     else:
                         buf = staging[msg.offset : msg.offset + msg.num_elements]
-                        pack(msg.moves, sources, buf)
+                        pack(msg.moves, sources, buf, self.fused_copies)
                     sends[peer].append(buf.view(torch.uint8))
         recvs: dict[int, list[torch.Tensor]] = {}
         staged = []

@@ -13,8 +13,9 @@ other process of `group` (a CPU/gloo group, used only for handles and tiny signa
 
 Buffers are laid out back to back (their sizes are multiples of the element size), so an arena of
 the plan's `bucket_bytes` holds any bucket. It is extra memory beside the executor's staging
-buffer (at most one bucket each).
-Written without a GPU at hand: its tests are marked `gpu` and have not run in CPU-only CI.
+buffer (at most one bucket each). Each side's copies of a call go in one fused launch
+(`copy_bytes`): with hundreds of rectangles per bucket, one launch each cost more than the bytes.
+Its tests are marked `gpu` (CPU-only CI cannot run them); they passed on an H100 (torch 2.11).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import torch
 import torch.distributed as dist
 from torch.multiprocessing.reductions import reduce_tensor
 
+from tidal.resharding.messages import copy_all
 from tidal.resharding.transports.base import Buffers, Pending, Transport
 
 _OFFSET_TAG, _ACK_TAG = 0, 1
+_INT_OF_WIDTH = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
 class _Acks(Pending):
@@ -69,7 +72,7 @@ class CudaIpcTransport(Transport):
         stream = torch.cuda.current_stream(self.device)
         # 1. Stage every outgoing buffer in this process's arena.
         offsets: dict[int, torch.Tensor] = {}
-        cursor = 0
+        staged, outgoing, cursor = [], [], 0
         for peer, bufs in sorted(sends.items()):
             offsets[peer] = torch.tensor([cursor], dtype=torch.int64)
             for buf in bufs:
@@ -78,8 +81,10 @@ class CudaIpcTransport(Transport):
                         f"CudaIpcTransport rank {self.rank}: a bucket sends more than capacity_bytes="
                         f"{self.capacity_bytes}; build the transport with the plan's bucket_bytes"
                     )
-                self._arena[cursor : cursor + buf.numel()].copy_(buf)
+                staged.append(self._arena[cursor : cursor + buf.numel()])
+                outgoing.append(buf)
                 cursor += buf.numel()
+        copy_bytes(staged, outgoing)
         stream.synchronize()  # the arena holds the data before any receiver is told where it is
         posted = [
             dist.isend(off, group_dst=peer, group=self.group, tag=_OFFSET_TAG)
@@ -89,14 +94,17 @@ class CudaIpcTransport(Transport):
         ack_works = [
             dist.irecv(a, group_src=peer, group=self.group, tag=_ACK_TAG) for peer, a in acks.items()
         ]
-        # 2. Pull each sender's part out of its arena.
+        # 2. Pull each sender's part out of its arena, all pairs in one fused copy.
+        incoming, mapped = [], []
         for peer, bufs in sorted(recvs.items()):
             base = torch.empty(1, dtype=torch.int64)
             dist.recv(base, group_src=peer, group=self.group, tag=_OFFSET_TAG)
             cursor = int(base)
             for buf in bufs:
-                buf.copy_(self._peers[peer][cursor : cursor + buf.numel()])
+                incoming.append(buf)
+                mapped.append(self._peers[peer][cursor : cursor + buf.numel()])
                 cursor += buf.numel()
+        copy_bytes(incoming, mapped)
         stream.synchronize()  # copied out before the senders may overwrite their arenas
         posted += [
             dist.isend(torch.ones(1, dtype=torch.int64), group_dst=peer, group=self.group, tag=_ACK_TAG)
@@ -105,6 +113,23 @@ class CudaIpcTransport(Transport):
         return _Acks(posted + ack_works)
 
     def close(self) -> None:
+        if not self._peers and not self._arena.numel():
+            return
         self._peers = {}
+        torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)  # nobody maps an arena any more: each may now be freed
         self._arena = torch.empty(0, dtype=torch.uint8, device=self.device)
         torch.cuda.ipc_collect()
+
+
+def copy_bytes(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """Copy uint8 buffers pairwise in one fused launch, viewed as the widest integer type that every
+    size and address allows (a kernel moving 8-byte words runs near memory speed; bytes do not)."""
+    pairs = [(d, s) for d, s in zip(dsts, srcs, strict=True) if d.numel()]
+    if not pairs:
+        return
+    width = 8
+    while width > 1 and any((t.numel() | t.data_ptr()) % width for pair in pairs for t in pair):
+        width //= 2
+    kind = _INT_OF_WIDTH[width]
+    copy_all([d.view(kind) for d, _ in pairs], [s.view(kind) for _, s in pairs], fused=True)
