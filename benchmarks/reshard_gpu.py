@@ -97,7 +97,7 @@ def worker(rank: int, world: int, name: str, opts: dict, out_path: str) -> None:
     bucket = opts["bucket_mb"] << 20
     placement = aligned_colocated(SPEC, src, dst) if mode == "aligned" else Placement.colocated(world, world)
     plan = get_plan(SPEC, src, dst, placement, bucket)
-    transport = TorchP2PTransport(device="cuda") if nccl else CudaIpcTransport(capacity_bytes=bucket)
+    transport = TorchP2PTransport(device="cuda") if nccl else CudaIpcTransport()
     executor = ReshardExecutor(plan, transport)
     looped = ReshardExecutor(plan, transport, fused_copies=False)  # the reference: one copy_ each
     sources = {r: {k: v.cuda() for k, v in make_tensors(SPEC, src, r).items()} for r in executor.src_ranks}
@@ -166,7 +166,6 @@ def worker(rank: int, world: int, name: str, opts: dict, out_path: str) -> None:
         "tidal_parts_s": {
             k: total(statistics.median(getattr(p, k) for p in parts), dist.ReduceOp.MAX) for k in PARTS
         },
-        "arena_bytes": bucket if not nccl else 0,
     }
     if shared_gpu:
         result["time_ratio_vs_hbm"] = times["tidal"] / result["hbm_bound_s"]
@@ -189,9 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--transport", choices=["ipc", "nccl"], default="ipc")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument(
-        "--bucket-mb", type=int, default=256, help="the plan's bucket cap (and IPC arena), MiB"
-    )
+    parser.add_argument("--bucket-mb", type=int, default=256, help="the plan's bucket cap, MiB")
     parser.add_argument("--chunk-mb", type=int, default=64, help="message size of the raw exchange, MiB")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

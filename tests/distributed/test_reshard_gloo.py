@@ -210,8 +210,7 @@ def _gpu_worker(rank: int, store: str, kind: str) -> None:
         world_size=WORLD,
         timeout=datetime.timedelta(seconds=60),
     )
-    capacity = max(case[5] for case in CASES)
-    transport = TorchP2PTransport() if kind == "nccl" else CudaIpcTransport(capacity_bytes=capacity)
+    transport = TorchP2PTransport() if kind == "nccl" else CudaIpcTransport()
     for case, min_direct_bytes in ((c, d) for c in CASES for d in (1, 1 << 20)):
         _run_case(transport, case, seed=1, min_direct_bytes=min_direct_bytes)
         dist.barrier()

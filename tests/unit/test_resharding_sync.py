@@ -154,3 +154,36 @@ def test_src_dtype_must_be_floating_to_differ():
     plan = make_plan(spec, ParallelLayout.hf(), ParallelLayout.hf(), Placement.colocated(1, 1))
     with pytest.raises(ValueError, match="floating point"):
         ReshardExecutor(plan, LocalHub(1).transport(0), src_dtype=torch.int32)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["loop", "fused"])
+def test_kept_views_carry_new_values_and_follow_new_tensors(fused):
+    """With the staging buffer kept (the GPU default), a sync reuses the views of its first one:
+    new values in the same tensors arrive, and other target tensors get views of their own."""
+    full = full_tensors()
+    spec = TensorSpec.of(full)
+    src, dst = ParallelLayout.fsdp(dp=2), ParallelLayout.hf(dp=2)
+    plan = make_plan(spec, src, dst, Placement.colocated(2, 2), bucket_bytes=100)
+    hub = LocalHub(2, timeout_s=30)
+
+    def run(device: int) -> None:
+        executor = ReshardExecutor(
+            plan, hub.transport(device), keep_staging=True, min_direct_bytes=64, fused_copies=fused
+        )
+        sources = {device: materialize(spec, src, device, full)}
+        targets = executor.allocate_targets()
+        executor.sync(sources, targets, verify=True)
+        views = executor._cached_views
+        new = full_tensors(seed=1)
+        for name, t in materialize(spec, src, device, new).items():
+            sources[device][name].copy_(t)
+        executor.sync(sources, targets)
+        assert executor._cached_views is views
+        fresh = executor.allocate_targets()
+        executor.sync(sources, fresh)
+        assert executor._cached_views is not views
+        for got in (targets, fresh):
+            for name, tensor in got[device].items():
+                assert torch.equal(tensor, new[name]), name
+
+    on_threads(2, run)

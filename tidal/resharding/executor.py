@@ -12,7 +12,10 @@ mostly local would otherwise hold back its sends while it copies, and its peers 
 
 The staging buffer has two halves, one per bucket on the wire, each the most this device stages
 in one bucket; with contiguous rectangles going direct, that is well under one bucket
-(`bucket_bytes`) for TP reshards. It lives only during a sync unless `keep_staging` asks to reuse it.
+(`bucket_bytes`) for TP reshards. On a CPU it lives only during a sync unless `keep_staging` asks to
+reuse it; on a GPU it is kept. The views a sync copies through (hundreds of rectangles of the
+caller's tensors and of the staging buffer) are built once and reused while the caller passes the
+same tensors: on a GPU, building them cost more host time than the copies take on the device.
 
 Target tensors are the caller's (an engine's parameters, or `allocate_targets()`): they are written
 in place, and padding elements (vocabulary rows no piece covers) are left as the caller has them.
@@ -36,14 +39,16 @@ from tidal.resharding.layout import ParallelLayout, box_slices
 from tidal.resharding.messages import (
     DEFAULT_MIN_DIRECT_BYTES,
     Bucket,
+    Copies,
     TensorsByRank,
-    copy_local,
+    Views,
     device_buckets,
-    pack,
-    unpack,
+    local_views,
+    pack_views,
+    unpack_views,
 )
 from tidal.resharding.planner import Move, Plan
-from tidal.resharding.transports.base import Buffers, Transport
+from tidal.resharding.transports.base import Pending, Transport
 from tidal.resharding.verify import VerifyReport, verify_sync
 
 __all__ = ["ReshardExecutor", "SyncStats"]
@@ -77,7 +82,7 @@ class ReshardExecutor:
         self,
         plan: Plan,
         transport: Transport,
-        keep_staging: bool = False,
+        keep_staging: bool | None = None,
         min_direct_bytes: int = DEFAULT_MIN_DIRECT_BYTES,
         src_dtype: torch.dtype | None = None,
         fused_copies: bool | None = None,
@@ -91,7 +96,9 @@ class ReshardExecutor:
         self.plan = plan
         self.transport = transport
         self.device = transport.rank
-        self.keep_staging = keep_staging
+        # Kept between syncs on a GPU (the caching allocator would hold the memory anyway), so the
+        # views of the staging buffer, built once, stay valid: see `_views`.
+        self.keep_staging = transport.device.type == "cuda" if keep_staging is None else keep_staging
         self.fused_copies = fused_copies  # None: fused on a GPU (messages.copy_all); False: the loop
         self.dtype = plan.spec.torch_dtype
         self.src_dtype = self.dtype if src_dtype is None else src_dtype
@@ -111,6 +118,7 @@ class ReshardExecutor:
         self._elem = plan.spec.element_size
         self._staging_elements = max((b.staged_elements for b in self.buckets), default=0)
         self._staging: torch.Tensor | None = None
+        self._cached_views: tuple[tuple, _SyncViews] | None = None
 
     @property
     def received_moves(self) -> tuple[Move, ...]:
@@ -140,43 +148,45 @@ class ReshardExecutor:
         self._check(sources, self.plan.src, self.src_ranks, self.src_dtype, "source")
         self._check(targets, self.plan.dst, self.dst_ranks, self.dtype, "target")
         clock = _Clock()
-        staging = self._staging_buffer()
-        halves = (staging[: self._staging_elements], staging[self._staging_elements :])
+        views = self._views(sources, targets, self._staging_buffer())
         n = len(self.buckets)
         # Two buckets on the wire at a time where the transport allows it: while one is waited
         # for, the next is already moving, so this device's copies never leave the link idle.
         depth = 2 if self.transport.max_in_flight >= 2 else 1
-        ready: dict[int, tuple] = {}  # bucket -> its prepared buffers (depth 1 packs one ahead)
-        flying: deque = deque()
+        packed: set[int] = set()  # buckets packed ahead (depth 1: k+1 is packed while k flies)
+        flying: deque[Pending] = deque()
+
+        def pack(j: int) -> None:
+            with clock("pack_s"):
+                views.buckets[j].pack.run()
+            packed.add(j)
 
         def post(j: int) -> None:
-            sends, recvs, staged = (
-                ready.pop(j) if j in ready else self._prepare(j, sources, targets, halves[j % 2], clock)
-            )
+            if j not in packed:
+                pack(j)
             with clock("post_s"):
-                flying.append((self.transport.start(sends, recvs), staged))
+                flying.append(self.transport.start(views.buckets[j].sends, views.buckets[j].recvs))
 
         for j in range(min(depth, n)):
             post(j)
         for k in range(max(n, 1)):
             with clock("local_copy_s"):
-                copy_local(self._copy_shares[k], sources, targets, self.fused_copies)
+                views.copies[k].run()
             if k >= n:
                 break  # nothing to exchange: local copies only
             if depth == 1 and k + 1 < n:  # pack the next bucket into the other half while k flies
-                ready[k + 1] = self._prepare(k + 1, sources, targets, halves[(k + 1) % 2], clock)
-            pending, staged = flying.popleft()
+                pack(k + 1)
             with clock("wait_s"):
-                pending.wait()
+                flying.popleft().wait()
             if depth == 1 and k + 1 < n:
                 post(k + 1)
             with clock("unpack_s"):
-                for moves, buf in staged:
-                    unpack(moves, buf, targets, self.fused_copies)
+                views.buckets[k].unpack.run()
             if depth == 2 and k + 2 < n:
                 post(k + 2)  # into bucket k's half, free now that k is unpacked
         if not self.keep_staging:
             self._staging = None
+            self._cached_views = None  # they hold the staging buffer
         if self.transport.device.type == "cuda":
             torch.cuda.synchronize(self.transport.device)
         stats = SyncStats(
@@ -210,13 +220,30 @@ class ReshardExecutor:
             )
         return self._staging
 
-    def _prepare(
-        self, k: int, sources: TensorsByRank, targets: TensorsByRank, staging: torch.Tensor, clock: _Clock
-    ) -> tuple[Buffers, Buffers, list]:
-        """Bucket k's send and receive buffers (packing what is staged) and what to unpack after."""
-        bucket = self.buckets[k]
-        sends: dict[int, list[torch.Tensor]] = {}
-        with clock("pack_s"):
+    def _views(self, sources: TensorsByRank, targets: TensorsByRank, staging: torch.Tensor) -> _SyncViews:
+        """Every view a sync copies from or into, built on the first sync and kept while the caller
+        passes the same tensors (same addresses: the cached views keep the old ones alive, so an
+        address cannot be reused by another tensor meanwhile). Building them costs a few
+        microseconds per rectangle, which on a GPU is more than the copies themselves."""
+        key = (
+            staging.data_ptr(),
+            *(t.data_ptr() for r in self.src_ranks for t in sources[r].values()),
+            *(t.data_ptr() for r in self.dst_ranks for t in targets[r].values()),
+        )
+        if self._cached_views is None or self._cached_views[0] != key:
+            self._cached_views = (key, self._build_views(sources, targets, staging))
+        return self._cached_views[1]
+
+    def _build_views(
+        self, sources: TensorsByRank, targets: TensorsByRank, staging: torch.Tensor
+    ) -> _SyncViews:
+        fused = self.fused_copies
+        halves = (staging[: self._staging_elements], staging[self._staging_elements :])
+        buckets = []
+        for k, bucket in enumerate(self.buckets):
+            half = halves[k % 2]
+            sends: dict[int, list[torch.Tensor]] = {}
+            packs: Views = ([], [])
             for peer, messages in bucket.sends:
                 sends[peer] = []
                 for msg in messages:
@@ -224,22 +251,24 @@ class ReshardExecutor:
                         m = msg.moves[0]
                         buf = sources[m.src_rank][m.src_tensor][box_slices(m.src_box)].view(-1)
                     else:
-                        buf = staging[msg.offset : msg.offset + msg.num_elements]
-                        pack(msg.moves, sources, buf, self.fused_copies)
+                        buf = half[msg.offset : msg.offset + msg.num_elements]
+                        _extend(packs, pack_views(msg.moves, sources, buf))
                     sends[peer].append(buf.view(torch.uint8))
-        recvs: dict[int, list[torch.Tensor]] = {}
-        staged = []
-        for peer, messages in bucket.recvs:
-            recvs[peer] = []
-            for msg in messages:
-                if msg.direct:
-                    m = msg.moves[0]
-                    buf = targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)].view(-1)
-                else:
-                    buf = staging[msg.offset : msg.offset + msg.num_elements]
-                    staged.append((msg.moves, buf))
-                recvs[peer].append(buf.view(torch.uint8))
-        return sends, recvs, staged
+            recvs: dict[int, list[torch.Tensor]] = {}
+            unpacks: Views = ([], [])
+            for peer, messages in bucket.recvs:
+                recvs[peer] = []
+                for msg in messages:
+                    if msg.direct:
+                        m = msg.moves[0]
+                        buf = targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)].view(-1)
+                    else:
+                        buf = half[msg.offset : msg.offset + msg.num_elements]
+                        _extend(unpacks, unpack_views(msg.moves, buf, targets))
+                    recvs[peer].append(buf.view(torch.uint8))
+            buckets.append(_BucketViews(sends, recvs, Copies(*packs, fused), Copies(*unpacks, fused)))
+        copies = [Copies(*local_views(share, sources, targets), fused) for share in self._copy_shares]
+        return _SyncViews(copies, buckets)
 
     def _check(
         self,
@@ -275,6 +304,25 @@ class ReshardExecutor:
                         f"{what} rank {rank} tensor {t.name} is not contiguous; pass the parameter "
                         "itself (the executor reads and writes rectangles of its memory in place)"
                     )
+
+
+@dataclass(frozen=True)
+class _BucketViews:
+    sends: dict[int, list[torch.Tensor]]  # peer -> uint8 buffers (tensor memory or staging slices)
+    recvs: dict[int, list[torch.Tensor]]
+    pack: Copies  # source rectangles -> staging, before the send
+    unpack: Copies  # staging -> target rectangles, after the receive
+
+
+@dataclass(frozen=True)
+class _SyncViews:
+    copies: list[Copies]  # the local copies done while bucket k is on the wire
+    buckets: list[_BucketViews]
+
+
+def _extend(views: Views, more: Views) -> None:
+    views[0].extend(more[0])
+    views[1].extend(more[1])
 
 
 def _spread(moves: tuple[Move, ...], parts: int) -> tuple[tuple[Move, ...], ...]:

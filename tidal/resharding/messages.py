@@ -128,66 +128,89 @@ def _cut(
     return out
 
 
-def pack(
-    moves: tuple[Move, ...], sources: TensorsByRank, buf: torch.Tensor, fused: bool | None = None
-) -> None:
-    """Copy the source rectangles of `moves` into `buf` back to back (casting to buf's dtype)."""
+Views = tuple[list[torch.Tensor], list[torch.Tensor]]  # (destinations, sources) of one batch of copies
+
+
+def pack_views(moves: tuple[Move, ...], sources: TensorsByRank, buf: torch.Tensor) -> Views:
+    """Packing: the source rectangles of `moves`, back to back in `buf` (cast to buf's dtype)."""
     dsts, srcs, offset = [], [], 0
     for m in moves:
         n = box_numel(m.src_box)
         srcs.append(sources[m.src_rank][m.src_tensor][box_slices(m.src_box)])
         dsts.append(buf[offset : offset + n].view(extents(m.src_box)))
         offset += n
-    copy_all(dsts, srcs, fused)
+    return dsts, srcs
 
 
-def unpack(
-    moves: tuple[Move, ...], buf: torch.Tensor, targets: TensorsByRank, fused: bool | None = None
-) -> None:
-    """The reverse of `pack`, on the receiving end: `buf` into the target rectangles."""
+def unpack_views(moves: tuple[Move, ...], buf: torch.Tensor, targets: TensorsByRank) -> Views:
+    """The reverse of `pack_views`, on the receiving end: `buf` into the target rectangles."""
     dsts, srcs, offset = [], [], 0
     for m in moves:
         n = box_numel(m.dst_box)
         dsts.append(targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)])
         srcs.append(buf[offset : offset + n].view(extents(m.dst_box)))
         offset += n
-    copy_all(dsts, srcs, fused)
+    return dsts, srcs
 
 
-def copy_local(
-    moves: tuple[Move, ...], sources: TensorsByRank, targets: TensorsByRank, fused: bool | None = None
-) -> None:
+def local_views(moves: tuple[Move, ...], sources: TensorsByRank, targets: TensorsByRank) -> Views:
     """Rectangles a source rank on this device already holds, straight into the targets."""
     dsts = [targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)] for m in moves]
     srcs = [
-        sources[m.src_rank][m.src_tensor][box_slices(m.src_box)].reshape(d.shape)
+        _as_shape(sources[m.src_rank][m.src_tensor][box_slices(m.src_box)], d.shape)
         for m, d in zip(moves, dsts, strict=True)
     ]
-    copy_all(dsts, srcs, fused)
+    return dsts, srcs
+
+
+def _as_shape(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`t` viewed as `shape`; left as it is where no view can (a strided rectangle whose shape
+    differs): `copy_all` reshapes it at copy time, so a view list never holds a stale copy."""
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        return t
+
+
+class Copies:
+    """A batch of copies `dsts[i].copy_(srcs[i])`, sorted once into how they run, to run many times.
+
+    On a GPU (or `fused=True`) the pairs that are contiguous, of one shape and of one dtype go in
+    one fused launch per dtype (`torch._foreach_copy_`): a sync copies hundreds of rectangles, and
+    a kernel launch each costs more than the copy itself for most of them. The rest, and everything
+    on a CPU (where a launch costs nothing), is the plain loop: the reference the fused path is
+    tested against. A source whose shape differs from its destination's is reshaped as it is
+    copied (strided rectangles that no view can reshape).
+    """
+
+    def __init__(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor], fused: bool | None = None):
+        if len(dsts) != len(srcs):
+            raise ValueError(f"Copies: {len(dsts)} destinations but {len(srcs)} sources")
+        if fused is None:
+            fused = bool(dsts) and dsts[0].device.type == "cuda"
+        by_dtype: defaultdict[torch.dtype, Views] = defaultdict(lambda: ([], []))
+        self.loop: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for d, s in zip(dsts, srcs, strict=True):
+            if (
+                fused
+                and d.dtype == s.dtype
+                and d.shape == s.shape
+                and d.is_contiguous()
+                and s.is_contiguous()
+            ):
+                by_dtype[d.dtype][0].append(d)
+                by_dtype[d.dtype][1].append(s)
+            else:
+                self.loop.append((d, s))
+        self.fused: list[Views] = list(by_dtype.values())
+
+    def run(self) -> None:
+        for dsts, srcs in self.fused:
+            torch._foreach_copy_(dsts, srcs)
+        for d, s in self.loop:
+            d.copy_(s if s.shape == d.shape else s.reshape(d.shape))
 
 
 def copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor], fused: bool | None = None) -> None:
-    """`dsts[i].copy_(srcs[i])` for every i.
-
-    On a GPU (or `fused=True`) the pairs that are contiguous and of one dtype go in one fused
-    launch (`torch._foreach_copy_`): a sync copies hundreds of rectangles, and one kernel launch
-    each costs more than the copy itself for most of them. The rest, and everything on a CPU
-    (where a launch costs nothing), is the plain loop: the reference the fused path is tested against.
-    """
-    if fused is None:
-        fused = bool(dsts) and dsts[0].device.type == "cuda"
-    loop = range(len(dsts))
-    if fused:
-        batched = [
-            i
-            for i in loop
-            if dsts[i].dtype == srcs[i].dtype and dsts[i].is_contiguous() and srcs[i].is_contiguous()
-        ]
-        by_dtype: defaultdict[torch.dtype, list[int]] = defaultdict(list)
-        for i in batched:
-            by_dtype[dsts[i].dtype].append(i)
-        for idx in by_dtype.values():
-            torch._foreach_copy_([dsts[i] for i in idx], [srcs[i] for i in idx])
-        loop = sorted(set(loop) - set(batched))
-    for i in loop:
-        dsts[i].copy_(srcs[i])
+    """`dsts[i].copy_(srcs[i])` for every i, as `Copies` runs them."""
+    Copies(dsts, srcs, fused).run()

@@ -1,24 +1,27 @@
 """CUDA IPC transport: processes on the GPUs of one node read each other's memory directly.
 
 For colocated processes that do not share a NCCL communicator (a trainer process and a rollout
-engine process on the same GPU, or on GPUs of one node with peer access). Each process allocates
-one staging arena of `capacity_bytes` on its GPU and, once, shares its CUDA IPC handle with every
-other process of `group` (a CPU/gloo group, used only for handles and tiny signals). Per exchange:
+engine process on the same GPU, or on GPUs of one node with peer access). Nothing is staged: a
+receiver copies straight out of the sender's own buffers (its parameters, or the executor's
+staging buffer for packed rectangles), mapped into the receiver's address space. Per exchange:
 
-1. a sender copies its buffers into its own arena (peers in rank order, each peer's buffers in
-   order), waits for the copies, and tells each receiver where its part starts;
-2. a receiver copies its part straight out of the sender's arena (mapped into its address space)
-   into its receive buffers, waits for the copies, and acknowledges;
-3. a sender returns once every receiver has acknowledged, so its arena may be reused.
+1. a sender waits for its stream (the buffers hold their data), then tells each receiver where
+   each buffer lies: (storage slot, byte offset) per buffer, plus the CUDA IPC handle of any
+   storage that receiver has not mapped before;
+2. a receiver maps new storages (once: the plan's buffers live in the same few storages every
+   sync), copies every buffer of every sender in one fused launch, waits, and acknowledges;
+3. a sender returns once every receiver has acknowledged, so its buffers may change again.
 
-Buffers are laid out back to back (their sizes are multiples of the element size), so an arena of
-the plan's `bucket_bytes` holds any bucket. It is extra memory beside the executor's staging
-buffer (at most one bucket each). Each side's copies of a call go in one fused launch
-(`copy_bytes`): with hundreds of rectangles per bucket, one launch each cost more than the bytes.
-Its tests are marked `gpu` (CPU-only CI cannot run them); they passed on an H100 (torch 2.11).
+Signals go over a CPU/gloo group (tiny tensors, and the pickled handles the first time).
+A mapped storage stays mapped until `close`: torch keeps the sender's memory alive while a
+receiver maps it, so no other tensor can take that address meanwhile and the cache by address
+cannot go stale. So send from buffers that persist (parameters, and the executor's staging buffer,
+which it keeps on a GPU): each new storage a sender uses stays allocated until `close`. Its tests are marked `gpu` (CPU-only CI cannot run them); they pass on an H100.
 """
 
 from __future__ import annotations
+
+import pickle
 
 import torch
 import torch.distributed as dist
@@ -27,7 +30,7 @@ from torch.multiprocessing.reductions import reduce_tensor
 from tidal.resharding.messages import copy_all
 from tidal.resharding.transports.base import Buffers, Pending, Transport
 
-_OFFSET_TAG, _ACK_TAG = 0, 1
+_WHERE_TAG, _HANDLES_TAG, _ACK_TAG = 0, 1, 2
 _INT_OF_WIDTH = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
@@ -41,11 +44,11 @@ class _Acks(Pending):
 
 
 class CudaIpcTransport(Transport):
-    """Exchange through CUDA IPC-mapped arenas; `group` must be a gloo group of the same ranks."""
+    """Exchange by reading peers' buffers through CUDA IPC; `group` must be a gloo group."""
 
-    max_in_flight = 1  # one arena: the next call would overwrite what peers may still be reading
+    max_in_flight = 1  # a sender's buffers are read in place: it must not move on before the acks
 
-    def __init__(self, capacity_bytes: int, group: dist.ProcessGroup | None = None):
+    def __init__(self, group: dist.ProcessGroup | None = None):
         if not torch.cuda.is_available():
             raise ValueError("CudaIpcTransport needs a CUDA device; on CPU use TorchP2PTransport (gloo)")
         if not dist.is_initialized() or dist.get_backend(group) != "gloo":
@@ -53,72 +56,87 @@ class CudaIpcTransport(Transport):
                 "CudaIpcTransport signals over a gloo group: pass group=dist.new_group(backend='gloo') "
                 "(or initialise the default group with gloo)"
             )
-        if capacity_bytes < 1:
-            raise ValueError(
-                f"CudaIpcTransport capacity_bytes={capacity_bytes} must be >= 1 (use the plan's bucket_bytes)"
-            )
         device = torch.device("cuda", torch.cuda.current_device())
         super().__init__(dist.get_rank(group), dist.get_world_size(group), device)
         self.group = group
-        self.capacity_bytes = capacity_bytes
-        self._arena = torch.empty(capacity_bytes, dtype=torch.uint8, device=device)
-        handles: list = [None] * self.world_size
-        dist.all_gather_object(handles, reduce_tensor(self._arena), group=group)
-        self._peers = {
-            r: rebuild(*args) for r, (rebuild, args) in enumerate(handles) if r != self.rank
-        }  # peer rank -> its arena, mapped into this process
+        # Sender side: per peer, the slot of each storage that peer has mapped, by (address, size).
+        self._slots: dict[int, dict[tuple[int, int], int]] = {}
+        # Receiver side: per peer, its storages mapped here (uint8 tensors over each whole storage).
+        self._mapped: dict[int, list[torch.Tensor]] = {}
 
     def _start(self, sends: Buffers, recvs: Buffers) -> Pending:
-        stream = torch.cuda.current_stream(self.device)
-        # 1. Stage every outgoing buffer in this process's arena.
-        offsets: dict[int, torch.Tensor] = {}
-        staged, outgoing, cursor = [], [], 0
+        torch.cuda.current_stream(self.device).synchronize()  # every send buffer holds its data
+        posted = []
         for peer, bufs in sorted(sends.items()):
-            offsets[peer] = torch.tensor([cursor], dtype=torch.int64)
-            for buf in bufs:
-                if cursor + buf.numel() > self.capacity_bytes:
-                    raise ValueError(
-                        f"CudaIpcTransport rank {self.rank}: a bucket sends more than capacity_bytes="
-                        f"{self.capacity_bytes}; build the transport with the plan's bucket_bytes"
-                    )
-                staged.append(self._arena[cursor : cursor + buf.numel()])
-                outgoing.append(buf)
-                cursor += buf.numel()
-        copy_bytes(staged, outgoing)
-        stream.synchronize()  # the arena holds the data before any receiver is told where it is
-        posted = [
-            dist.isend(off, group_dst=peer, group=self.group, tag=_OFFSET_TAG)
-            for peer, off in offsets.items()
+            where, new = self._locate(peer, bufs)
+            posted.append(dist.isend(where, group_dst=peer, group=self.group, tag=_WHERE_TAG))
+            if new:
+                posted += self._send_handles(peer, new)
+        acks = [torch.empty(1, dtype=torch.int64) for _ in sends]
+        posted += [
+            dist.irecv(a, group_src=peer, group=self.group, tag=_ACK_TAG)
+            for a, peer in zip(acks, sorted(sends), strict=True)
         ]
-        acks = {peer: torch.empty(1, dtype=torch.int64) for peer in offsets}
-        ack_works = [
-            dist.irecv(a, group_src=peer, group=self.group, tag=_ACK_TAG) for peer, a in acks.items()
-        ]
-        # 2. Pull each sender's part out of its arena, all pairs in one fused copy.
         incoming, mapped = [], []
         for peer, bufs in sorted(recvs.items()):
-            base = torch.empty(1, dtype=torch.int64)
-            dist.recv(base, group_src=peer, group=self.group, tag=_OFFSET_TAG)
-            cursor = int(base)
-            for buf in bufs:
+            where = torch.empty(1 + 2 * len(bufs), dtype=torch.int64)
+            dist.recv(where, group_src=peer, group=self.group, tag=_WHERE_TAG)
+            if int(where[0]):
+                self._map_handles(peer, int(where[0]))
+            storages = self._mapped[peer]
+            for buf, (slot, offset) in zip(bufs, where[1:].view(-1, 2).tolist(), strict=True):
                 incoming.append(buf)
-                mapped.append(self._peers[peer][cursor : cursor + buf.numel()])
-                cursor += buf.numel()
+                mapped.append(storages[slot][offset : offset + buf.numel()])
         copy_bytes(incoming, mapped)
-        stream.synchronize()  # copied out before the senders may overwrite their arenas
+        torch.cuda.current_stream(self.device).synchronize()  # read before the senders move on
         posted += [
             dist.isend(torch.ones(1, dtype=torch.int64), group_dst=peer, group=self.group, tag=_ACK_TAG)
-            for peer in recvs
+            for peer in sorted(recvs)
         ]
-        return _Acks(posted + ack_works)
+        return _Acks(posted)
+
+    def _locate(self, peer: int, bufs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """[number of new storages, (slot, byte offset) per buffer] for `peer`, and those storages."""
+        slots = self._slots.setdefault(peer, {})
+        where, new = [0], []
+        for buf in bufs:
+            storage = buf.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key not in slots:
+                slots[key] = len(slots)
+                new.append(torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage))
+            where += [slots[key], buf.data_ptr() - storage.data_ptr()]
+        where[0] = len(new)
+        return torch.tensor(where, dtype=torch.int64), new
+
+    def _send_handles(self, peer: int, storages: list[torch.Tensor]) -> list[dist.Work]:
+        payload = torch.frombuffer(
+            bytearray(pickle.dumps([reduce_tensor(s) for s in storages])), dtype=torch.uint8
+        )
+        size = torch.tensor([payload.numel()], dtype=torch.int64)
+        return [
+            dist.isend(size, group_dst=peer, group=self.group, tag=_HANDLES_TAG),
+            dist.isend(payload, group_dst=peer, group=self.group, tag=_HANDLES_TAG),
+        ]
+
+    def _map_handles(self, peer: int, count: int) -> None:
+        size = torch.empty(1, dtype=torch.int64)
+        dist.recv(size, group_src=peer, group=self.group, tag=_HANDLES_TAG)
+        payload = torch.empty(int(size), dtype=torch.uint8)
+        dist.recv(payload, group_src=peer, group=self.group, tag=_HANDLES_TAG)
+        handles = pickle.loads(payload.numpy().tobytes())  # from a peer of our own group
+        if len(handles) != count:
+            raise RuntimeError(
+                f"CudaIpcTransport rank {self.rank}: {len(handles)} handles from {peer}, {count} announced"
+            )
+        self._mapped.setdefault(peer, []).extend(rebuild(*args) for rebuild, args in handles)
 
     def close(self) -> None:
-        if not self._peers and not self._arena.numel():
+        if not self._mapped and not self._slots:
             return
-        self._peers = {}
+        self._mapped, self._slots = {}, {}
         torch.cuda.synchronize(self.device)
-        dist.barrier(group=self.group)  # nobody maps an arena any more: each may now be freed
-        self._arena = torch.empty(0, dtype=torch.uint8, device=self.device)
+        dist.barrier(group=self.group)  # nobody maps a peer's memory any more: each may free its own
         torch.cuda.ipc_collect()
 
 
