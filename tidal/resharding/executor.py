@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ from tidal.resharding.messages import (
     DEFAULT_MIN_DIRECT_BYTES,
     Bucket,
     Copies,
+    PeerMessages,
     TensorsByRank,
     Views,
     device_buckets,
@@ -242,30 +244,18 @@ class ReshardExecutor:
         buckets = []
         for k, bucket in enumerate(self.buckets):
             half = halves[k % 2]
-            sends: dict[int, list[torch.Tensor]] = {}
-            packs: Views = ([], [])
-            for peer, messages in bucket.sends:
-                sends[peer] = []
-                for msg in messages:
-                    if msg.direct:
-                        m = msg.moves[0]
-                        buf = sources[m.src_rank][m.src_tensor][box_slices(m.src_box)].view(-1)
-                    else:
-                        buf = half[msg.offset : msg.offset + msg.num_elements]
-                        _extend(packs, pack_views(msg.moves, sources, buf))
-                    sends[peer].append(buf.view(torch.uint8))
-            recvs: dict[int, list[torch.Tensor]] = {}
-            unpacks: Views = ([], [])
-            for peer, messages in bucket.recvs:
-                recvs[peer] = []
-                for msg in messages:
-                    if msg.direct:
-                        m = msg.moves[0]
-                        buf = targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)].view(-1)
-                    else:
-                        buf = half[msg.offset : msg.offset + msg.num_elements]
-                        _extend(unpacks, unpack_views(msg.moves, buf, targets))
-                    recvs[peer].append(buf.view(torch.uint8))
+            sends, packs = _side_views(
+                bucket.sends,
+                half,
+                lambda m: sources[m.src_rank][m.src_tensor][box_slices(m.src_box)],
+                lambda moves, buf: pack_views(moves, sources, buf),
+            )
+            recvs, unpacks = _side_views(
+                bucket.recvs,
+                half,
+                lambda m: targets[m.dst_rank][m.dst_tensor][box_slices(m.dst_box)],
+                lambda moves, buf: unpack_views(moves, buf, targets),
+            )
             buckets.append(_BucketViews(sends, recvs, Copies(*packs, fused), Copies(*unpacks, fused)))
         copies = [Copies(*local_views(share, sources, targets), fused) for share in self._copy_shares]
         return _SyncViews(copies, buckets)
@@ -320,9 +310,29 @@ class _SyncViews:
     buckets: list[_BucketViews]
 
 
-def _extend(views: Views, more: Views) -> None:
-    views[0].extend(more[0])
-    views[1].extend(more[1])
+def _side_views(
+    side: PeerMessages,
+    half: torch.Tensor,
+    region: Callable[[Move], torch.Tensor],
+    staged: Callable[[tuple[Move, ...], torch.Tensor], Views],
+) -> tuple[dict[int, list[torch.Tensor]], Views]:
+    """One side of a bucket: per peer its uint8 buffers (the tensor's own `region` of a direct
+    message, else a slice of the staging `half`), and the `staged` copies between those slices and
+    their rectangles (packing before a send, unpacking after a receive)."""
+    buffers: dict[int, list[torch.Tensor]] = {}
+    copies: Views = ([], [])
+    for peer, messages in side:
+        buffers[peer] = []
+        for msg in messages:
+            if msg.direct:
+                buf = region(msg.moves[0]).view(-1)
+            else:
+                buf = half[msg.offset : msg.offset + msg.num_elements]
+                dsts, srcs = staged(msg.moves, buf)
+                copies[0].extend(dsts)
+                copies[1].extend(srcs)
+            buffers[peer].append(buf.view(torch.uint8))
+    return buffers, copies
 
 
 def _spread(moves: tuple[Move, ...], parts: int) -> tuple[tuple[Move, ...], ...]:

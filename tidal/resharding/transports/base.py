@@ -32,6 +32,17 @@ class Pending(ABC):
         """Block until every buffer of the call has been sent or received."""
 
 
+class Works(Pending):
+    """torch.distributed works (isend/irecv), waited in order."""
+
+    def __init__(self, works: list):
+        self._works = works
+
+    def wait(self) -> None:
+        for work in self._works:
+            work.wait()
+
+
 class Done(Pending):
     """A call that had nothing left to do when `start` returned."""
 

@@ -28,19 +28,10 @@ import torch.distributed as dist
 from torch.multiprocessing.reductions import reduce_tensor
 
 from tidal.resharding.messages import copy_all
-from tidal.resharding.transports.base import Buffers, Pending, Transport
+from tidal.resharding.transports.base import Buffers, Pending, Transport, Works
 
 _WHERE_TAG, _HANDLES_TAG, _ACK_TAG = 0, 1, 2
 _INT_OF_WIDTH = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
-
-
-class _Acks(Pending):
-    def __init__(self, works: list[dist.Work]):
-        self._works = works
-
-    def wait(self) -> None:
-        for work in self._works:
-            work.wait()
 
 
 class CudaIpcTransport(Transport):
@@ -93,7 +84,7 @@ class CudaIpcTransport(Transport):
             dist.isend(torch.ones(1, dtype=torch.int64), group_dst=peer, group=self.group, tag=_ACK_TAG)
             for peer in sorted(recvs)
         ]
-        return _Acks(posted)
+        return Works(posted)
 
     def _locate(self, peer: int, bufs) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """[number of new storages, (slot, byte offset) per buffer] for `peer`, and those storages."""

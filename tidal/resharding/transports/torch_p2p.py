@@ -16,18 +16,9 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from tidal.resharding.transports.base import Buffers, Done, Pending, Transport
+from tidal.resharding.transports.base import Buffers, Done, Pending, Transport, Works
 
 _TAG_WRAP = 1 << 30  # tags stay positive 32-bit ints; far more messages than ever in flight
-
-
-class _Works(Pending):
-    def __init__(self, works: list[dist.Work]):
-        self._works = works
-
-    def wait(self) -> None:
-        for work in self._works:
-            work.wait()
 
 
 class TorchP2PTransport(Transport):
@@ -80,4 +71,4 @@ class TorchP2PTransport(Transport):
                         ops.append(dist.P2POp(op, buf, group=self.group, tag=tag, group_peer=peer))
         if not ops:
             return Done()
-        return _Works(dist.batch_isend_irecv(ops))
+        return Works(dist.batch_isend_irecv(ops))
