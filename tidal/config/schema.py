@@ -279,9 +279,31 @@ class RolloutConfig(StrictModel):
 
 
 class RewardConfig(StrictModel):
-    function: str = Field("arithmetic", description="name in the reward registry")
+    function: str = Field(
+        "arithmetic",
+        description="a registered name (arithmetic, math_verify), or a user function as "
+        "'my_pkg.my_module:my_fn' or 'path/to/file.py:my_fn'",
+    )
     num_parallel: int = Field(2, ge=1, description="parallel Ray tasks scoring a step")
     timeout_s: float = Field(30.0, gt=0)
+    on_error: Literal["drop_sample", "drop_group", "score"] = Field(
+        "drop_sample",
+        description="a sample whose reward raised, timed out or was not finite: drop it from the loss, "
+        "drop its whole group, or score it reward.error_score and train on it",
+    )
+    error_score: float = Field(0.0, description="the reward given to a failed sample with on_error=score")
+    max_error_share: float = Field(
+        0.5, ge=0, le=1, description="stop the run when more than this share of a step's rewards fail"
+    )
+
+    @model_validator(mode="after")
+    def _error_score_needs_score(self) -> RewardConfig:
+        if "error_score" in self.model_fields_set and self.on_error != "score":
+            raise ValueError(
+                f"reward.error_score={self.error_score} is only used with reward.on_error=score, "
+                f"not {self.on_error!r}; set reward.on_error=score or remove reward.error_score"
+            )
+        return self
 
 
 # ------------------------------------------------------------------------------------ algorithm
@@ -299,8 +321,15 @@ class TrainerConfig(StrictModel):
     seed: int = 0
     eval_every: int = Field(0, ge=0, description="0 disables periodic eval; eval still runs first and last")
     num_eval_prompts: int | None = Field(None, ge=1, description="default: every validation prompt")
-    output_dir: str = "outputs/run"
-    resume: bool = False
+    output_dir: str = Field("outputs/run", min_length=1, description="checkpoints, metrics and plots")
+    resume: bool = Field(
+        False, description="continue from the newest checkpoint in output_dir (made by the same config)"
+    )
+    overwrite: bool = Field(
+        False,
+        description="a fresh run (resume=false) in an output_dir holding an earlier run deletes that "
+        "run's checkpoints and metrics first; without it such a run is refused",
+    )
 
 
 class LoggingConfig(StrictModel):
