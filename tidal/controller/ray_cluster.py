@@ -46,12 +46,14 @@ def start_local_cluster(
     num_gpus: int | None = None,
     temp_dir: str | Path | None = None,
     object_store_memory: int | None = None,
+    runtime_env: dict | None = None,
 ) -> LocalCluster:
     """Start a fresh single-node cluster owned by this process (a job's or a test session's).
 
     `temp_dir` (logs, sockets, spilled objects) defaults to a new dir under /tmp, removed on
     shutdown. A `temp_dir` too long for Ray's socket paths is replaced by a short one, and a
-    symlink at `temp_dir` points to it so the logs are still found where asked.
+    symlink at `temp_dir` points to it so the logs are still found where asked. `runtime_env` is
+    Ray's job-level runtime environment (passed to `ray.init`).
     """
     if ray.is_initialized():
         raise RuntimeError("Ray is already initialised in this process; use ensure_ray() to join it")
@@ -64,6 +66,7 @@ def start_local_cluster(
         object_store_memory=object_store_memory,
         include_dashboard=False,
         _temp_dir=str(actual),
+        runtime_env=runtime_env,
     )
     address = ray.get_runtime_context().gcs_address
     log.info("started local Ray cluster at %s (temp dir %s)", address, actual)
@@ -71,18 +74,26 @@ def start_local_cluster(
 
 
 def ensure_ray(
-    num_cpus: float | None = None, temp_dir: str | Path | None = None, address: str | None = None
+    num_cpus: float | None = None,
+    temp_dir: str | Path | None = None,
+    address: str | None = None,
+    *,
+    runtime_env: dict | None = None,
 ) -> LocalCluster | None:
     """Use the cluster this process is connected to, else join `address` (or $RAY_ADDRESS, as set
-    by `ray job submit`), else start a local one. Returns the LocalCluster only if one was started."""
+    by `ray job submit`), else start a local one. Returns the LocalCluster only if one was started.
+
+    `runtime_env` (Ray's job-level runtime environment, e.g. py_modules to ship to the workers) is
+    passed to `ray.init` when this call joins or starts a cluster; a process already connected keeps
+    the runtime env it was connected with."""
     if ray.is_initialized():
         return None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=runtime_env)
         log.info("joined Ray cluster at %s", address)
         return None
-    return start_local_cluster(num_cpus, temp_dir=temp_dir)
+    return start_local_cluster(num_cpus, temp_dir=temp_dir, runtime_env=runtime_env)
 
 
 def _short_temp_dir(requested: Path | None) -> Path:
