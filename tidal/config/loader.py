@@ -6,11 +6,20 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from tidal.config.schema import JobConfig
+from tidal.config.yaml_source import (
+    MAX_CONFIG_VALUES,
+    YamlSourceError,
+    count_values,
+    cut,
+    parse_yaml,
+    read_yaml_file,
+    short,
+)
 
+MAX_TREE_VALUES = 2 * MAX_CONFIG_VALUES
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -22,16 +31,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """`actor.optim.lr=1e-5` -> (['actor', 'optim', 'lr'], 1e-05); the value is parsed as YAML."""
     if "=" not in text:
         raise ConfigError(
-            f"override {text!r} has no '='; write it as key.path=value, e.g. trainer.total_steps=5"
+            f"override {short(text)} has no '='; write it as key.path=value, e.g. trainer.total_steps=5"
         )
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"override {text!r} has an empty key segment; write it as key.path=value")
+        raise ConfigError(f"override {short(text)} has an empty key segment; write it as key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: value {raw!r} is not valid YAML ({err})") from err
+        value = parse_yaml(raw, f"override {short(text)}") if raw.strip() else None
+    except YamlSourceError as err:
+        raise ConfigError(str(err)) from None
     if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads "1e-5" (no dot) as a string
     return parts, value
@@ -47,7 +56,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 child = node[part] = {}
             if not isinstance(child, dict):
                 raise ConfigError(
-                    f"override {text!r}: {part!r} holds {child!r}, not a section; check the key path"
+                    f"override {short(text)}: {part!r} holds {short(child)}, not a section; check the key path"
                 )
             node = child
         node[parts[-1]] = value
@@ -86,17 +95,24 @@ def _format_errors(err: ValidationError, tree: dict[str, Any]) -> str:
         loc = _user_path(e["loc"], tree)
         if e["type"] == "extra_forbidden":
             lines.append(
-                f"{loc}: unknown key (value {e['input']!r}); check the spelling against tidal/config/schema.py"
+                f"{loc}: unknown key (value {short(e['input'])}); check the spelling against tidal/config/schema.py"
             )
+        elif e["type"] == "bool_for_number":  # raised by StrictModel for the field named in ctx
+            field = ".".join(p for p in (loc, e["ctx"]["field"]) if p)
+            lines.append(f"{field}={short(e['ctx']['value'])}: {e['msg']}")
+        elif e["type"] == "string_too_short" and not e.get("input"):
+            lines.append(f"{loc}='': must not be empty; give a value or remove the key for the default")
+        elif e["type"] == "finite_number":
+            lines.append(f"{loc}={short(e.get('input'))}: must be a finite number; write one such as 1e-5")
         elif e["type"] == "missing":  # its input is the enclosing section, not a value to show
             lines.append(
                 f"{loc}: required but not set; add it to the job file or as an override "
                 f"({loc}=VALUE, or {loc}.KEY=VALUE for a section; keys in tidal/config/schema.py)"
             )
         elif e["type"] == "value_error":
-            lines.append(str(e["ctx"]["error"]) if "ctx" in e else e["msg"])
+            lines.append(cut(str(e["ctx"]["error"]) if "ctx" in e else e["msg"], 1000))
         else:
-            lines.append(f"{loc}={e.get('input')!r}: {e['msg']}")
+            lines.append(f"{loc}={short(e.get('input'))}: {cut(e['msg'], 400)}")
     return "invalid job configuration:\n  " + "\n  ".join(lines)
 
 
@@ -116,14 +132,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file {str(path)!r} does not exist; pass a YAML job file such as examples/quickstart.yaml"
-            )
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            tree = read_yaml_file(path) or {}
+        except YamlSourceError as err:
+            raise ConfigError(str(err)) from None
         if not isinstance(tree, dict):
             raise ConfigError(
-                f"config file {str(path)!r} must hold a mapping at the top, not {type(tree).__name__}"
+                f"config file {str(path)!r} must hold a mapping of sections (model:, data:, ...) at the top, "
+                f"not a {type(tree).__name__}"
             )
     apply_overrides(tree, overrides or [])
+    if count_values(tree) > MAX_TREE_VALUES:  # overrides may add aliases' worth of values too
+        raise ConfigError(f"the job config holds more than {MAX_TREE_VALUES} values; a job needs a few hundred")
     return config_from_dict(tree)

@@ -272,10 +272,32 @@ class RolloutConfig(StrictModel):
     backend: Literal["embedded"] = "embedded"
     pool: str = "default"
     sampling: SamplingConfig = SamplingConfig(n=8)
-    val_sampling: SamplingConfig = SamplingConfig(temperature=0.0, n=1)
+    val_sampling: SamplingConfig = Field(
+        SamplingConfig(temperature=0.0, n=1),
+        description="held-out generation: greedy (temperature 0), one sample per prompt; max_new_tokens, "
+        "top_p and top_k not set here follow rollout.sampling",
+    )
     stop_token_ids: list[int] = Field([], description="extra stop tokens besides the tokenizer's EOS")
     max_batch_size: int = Field(256, ge=1, description="sequences decoded together")
     weight_sync: WeightSyncConfig = WeightSyncConfig()
+
+    @model_validator(mode="after")
+    def _val_sampling_follows_sampling(self) -> RolloutConfig:
+        """Fill what the user left unset in val_sampling: greedy and n=1 by default, the length
+        limit and the nucleus/top-k cut of the training sampling (validating at another length
+        than training measures another task)."""
+        val = self.val_sampling
+        derived = {key: getattr(self.sampling, key) for key in VAL_SAMPLING_INHERITED}
+        resolved = SamplingConfig(**(derived | VAL_SAMPLING_DEFAULTS | val.model_dump(include=val.model_fields_set)))
+        if resolved != val or resolved.model_fields_set != val.model_fields_set:
+            # Bypass validate_assignment: it would run this validator again on the new value.
+            object.__setattr__(self, "val_sampling", resolved)
+        return self
+
+
+# val_sampling: what is greedy and single unless set; what follows rollout.sampling unless set.
+VAL_SAMPLING_DEFAULTS = {"temperature": 0.0, "n": 1}
+VAL_SAMPLING_INHERITED = ("max_new_tokens", "top_p", "top_k")
 
 
 class RewardConfig(StrictModel):

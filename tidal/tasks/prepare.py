@@ -48,24 +48,23 @@ def read_marker_digest(path: Path) -> str | None:
     return json.loads(marker.read_text())["digest"]
 
 
-def prepare_model(model_cfg: ModelConfig, data_cfg: DataConfig | None) -> Path:
-    """Return the model folder, building it first when `model.build` is set and it is not built yet."""
+def check_model_folder(model_cfg: ModelConfig, data_cfg: DataConfig | None) -> bool:
+    """True when `model.path` holds the model to use, False when `model.build` will build it there;
+    raises ValueError (naming the fix) when it can be neither. Reads only; builds nothing."""
     path = Path(model_cfg.path).expanduser()
     build = model_cfg.build
     if build is None:
         if (path / "config.json").is_file():
-            return path
+            return True
+        what = "does not exist" if not path.exists() else "is not a Hugging Face model folder (no config.json there)"
         raise ValueError(
-            f"model.path={model_cfg.path!r} is not a Hugging Face model folder (no config.json there) "
-            "and model.build is not set; point model.path at a model folder, or set "
-            "model.build.type=tiny_qwen2 (or smollm2_gguf) to build one at that path"
+            f"model.path={model_cfg.path!r} {what} and model.build is not set; point model.path at a "
+            "model folder, or set model.build.type=tiny_qwen2 (or smollm2_gguf) to build one at that path"
         )
-
     fingerprint = build_fingerprint(model_cfg, data_cfg)
-    digest = _digest(fingerprint)
     found = read_marker_digest(path)
-    if found == digest:
-        return path
+    if found == _digest(fingerprint):
+        return True
     if found is not None:
         raise ValueError(
             f"model.path={model_cfg.path!r} was built from a different model.build/data.task than this "
@@ -76,6 +75,16 @@ def prepare_model(model_cfg: ModelConfig, data_cfg: DataConfig | None) -> Path:
             f"model.path={model_cfg.path!r} exists but was not built by tidal (no {MARKER} marker); "
             "remove model.build to use it as it is, or set model.path to a new or empty folder"
         )
+    return False
+
+
+def prepare_model(model_cfg: ModelConfig, data_cfg: DataConfig | None) -> Path:
+    """Return the model folder, building it first when `model.build` is set and it is not built yet."""
+    path = Path(model_cfg.path).expanduser()
+    if check_model_folder(model_cfg, data_cfg):
+        return path
+    fingerprint = build_fingerprint(model_cfg, data_cfg)
+    digest = _digest(fingerprint)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
