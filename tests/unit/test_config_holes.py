@@ -103,12 +103,17 @@ OVERRIDE_CASES = [
     ("data.train_files=[missing.jsonl]", "data.train_files.0='missing.jsonl' does not exist"),
     ("data.train_files=[rows.csv]", "only .jsonl and .parquet files are read"),
     ("model.build=null", "does not exist and model.build is not set"),
+    ("data.task=null", "data has no prompts: set data.train_files"),
+    ("model.build.sft_steps=5", ""),  # valid: the quickstart's task trains the warm-up
 ]
 
 
 @pytest.mark.parametrize(("override", "needle"), OVERRIDE_CASES)
 def test_bad_settings_stop_before_anything_starts(capsys, tmp_path, job, override, needle):
     code, _, err = check(capsys, dump(tmp_path, job), override)
+    if not needle:
+        assert code == 0, err
+        return
     assert code == 2, err
     assert needle in err
     assert "Traceback" not in err
@@ -120,6 +125,13 @@ def test_huge_values_are_cut_in_messages(capsys, tmp_path, job):
     code, _, err = check(capsys, dump(tmp_path, job))
     assert code == 2 and "bogus_key: unknown key" in err and "chars cut" in err
     assert len(err) < 5_000
+
+
+def test_a_warm_up_without_a_task_is_refused(capsys, tmp_path, job, model_dir):
+    rows = write(tmp_path, '{"prompt": "1+1=", "reward_model": {"ground_truth": "2"}}\n', "rows.jsonl")
+    del job["data"]["task"]
+    code, _, err = check(capsys, dump(tmp_path, job), f"data.train_files=[{rows}]")
+    assert code == 2 and "model.build.sft_steps=800 needs the arithmetic task" in err
 
 
 def test_data_file_problems_are_all_reported(capsys, tmp_path, job):

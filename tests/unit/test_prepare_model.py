@@ -44,7 +44,7 @@ def test_a_folder_built_from_another_config_is_not_reused(tmp_path):
 
 
 def test_user_mistakes_name_the_field(tmp_path):
-    with pytest.raises(ValueError, match="model.path=.*no config.json"):
+    with pytest.raises(ValueError, match="model.path=.*does not exist and model.build is not set"):
         prepare_model(ModelConfig(path=str(tmp_path / "missing")), DATA)
     foreign = tmp_path / "foreign"
     foreign.mkdir()

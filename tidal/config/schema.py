@@ -430,6 +430,12 @@ class JobConfig(StrictModel):
                     f"{role}.pool={pool!r} names no pool; define resources.pools.{pool} "
                     f"or use one of {sorted(pools)}"
                 )
+        build = self.model.build
+        if isinstance(build, TinyQwen2Build) and build.sft_steps > 0 and self.data.task is None:
+            raise ValueError(
+                f"model.build.sft_steps={build.sft_steps} needs the arithmetic task to train on, but "
+                "data.task is not set; set data.task.type=arithmetic or model.build.sft_steps=0"
+            )
         if self.critic.enable is False and self.algorithm.advantage_estimator == "gae":
             raise ValueError(
                 "critic.enable=false but algorithm.advantage_estimator=gae needs values; "
