@@ -207,3 +207,87 @@ def test_loader_resumes_exactly(tok):
     other, _ = build_datasets(DataConfig(task=ArithmeticTask(num_train=8, num_val=2)), tok)
     with pytest.raises(ValueError, match="saved over 7 prompts"):
         PromptLoader(other, batch_size=3, shuffle=True, seed=5).load_state_dict(state)
+
+
+def test_bad_rows_are_counted_by_reason_code_with_the_first_located(tmp_path, tok, caplog):
+    """An invalid UTF-8 byte, a blank prompt and unscoreable ground truths are bad rows like the
+    others: counted by reason code, the first of each named by file and line, reported as metrics."""
+    truth = {"reward_model": {"ground_truth": "1"}}
+    path = tmp_path / "d.jsonl"
+    lines = [
+        json.dumps({"prompt": "1+0=", **truth}).encode(),  # line 1, kept
+        b'{"prompt": "caf\xe9=", "reward_model": {"ground_truth": "1"}}',  # 2: latin-1, not UTF-8
+        b"{not json",  # 3
+        json.dumps({"prompt": "   \n", **truth}).encode(),  # 4: blank prompt
+        json.dumps({"prompt": [{"role": "user", "content": " "}], **truth}).encode(),  # 5: blank chat
+        json.dumps({"prompt": "2+5=", "reward_model": {"ground_truth": 7.0}}).encode(),  # 6: kept, "7"
+        json.dumps({"prompt": "1/2=", "reward_model": {"ground_truth": 0.5}}).encode(),  # 7: kept, "0.5"
+        b'{"prompt": "0/0=", "reward_model": {"ground_truth": NaN}}',  # 8: Python's json reads NaN
+        b'{"prompt": "1/0=", "reward_model": {"ground_truth": Infinity}}',  # 9
+        json.dumps({"prompt": "1=", "reward_model": {"ground_truth": [1]}}).encode(),  # 10
+        json.dumps({"prompt": "1=", "reward_model": {"ground_truth": {"a": 1}}}).encode(),  # 11
+        json.dumps({"prompt": "1=", "reward_model": {"ground_truth": True}}).encode(),  # 12
+        json.dumps({"prompt": "1=", "reward_model": {"ground_truth": " "}}).encode(),  # 13
+        json.dumps({"prompt": "1=", "reward_model": {"ground_truth": None}}).encode(),  # 14
+        json.dumps([1, 2]).encode(),  # 15
+        json.dumps({"prompt": "1" * 40, **truth}).encode(),  # 16
+        b"\xff\xfe",  # 17
+        json.dumps({"prompt": "3*3=", "reward_model": {"ground_truth": 9}}).encode(),  # 18: kept, "9"
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with caplog.at_level("WARNING", logger="tidal.dataflow.dataset"):
+        ds = PromptDataset.from_files([str(path)], cfg(), tok)
+    assert [(r.prompt_text, r.ground_truth) for r in ds] == [
+        ("1+0=", "1"),
+        ("2+5=", "7"),
+        ("1/2=", "0.5"),
+        ("3*3=", "9"),
+    ]
+    assert ds.num_skipped_by_reason == {
+        "invalid_utf8": 2,
+        "bad_json": 1,
+        "empty_prompt": 2,
+        "bad_ground_truth": 6,
+        "missing_ground_truth": 1,
+        "not_an_object": 1,
+        "too_long": 1,
+    }
+    assert ds.num_skipped == 14 == sum(ds.skipped.values())
+    assert ds.skips.first["invalid_utf8"] == f"{path}:2: invalid UTF-8 (byte 16 of the line)"
+    assert ds.skips.first["bad_ground_truth"].startswith(f"{path}:8: ")
+    assert ds.skips.first["empty_prompt"].startswith(f"{path}:4: ")
+    assert ds.skip_report("data/train") == {
+        "data/train_skipped/bad_ground_truth": 6,
+        "data/train_skipped/bad_json": 1,
+        "data/train_skipped/empty_prompt": 2,
+        "data/train_skipped/invalid_utf8": 2,
+        "data/train_skipped/missing_ground_truth": 1,
+        "data/train_skipped/not_an_object": 1,
+        "data/train_skipped/too_long": 1,
+        "data/train_normalised/ground_truth": 1,
+    }
+    (message,) = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert f"invalid_utf8 2 (first at {path}:2: invalid UTF-8" in message
+    assert f"bad_json 1 (first at {path}:3: invalid JSON line)" in message
+
+
+def test_parquet_rows_are_located_and_float_truths_normalised(tmp_path, tok):
+    rows = [
+        {"prompt": "2+5=", "reward_model": {"ground_truth": 7.0}},
+        {"prompt": "0/0=", "reward_model": {"ground_truth": float("nan")}},
+        {"prompt": " ", "reward_model": {"ground_truth": 1.0}},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "f.parquet")
+    ds = PromptDataset.from_files([str(tmp_path / "f.parquet")], cfg(), tok)
+    assert [r.ground_truth for r in ds] == ["7"]
+    assert ds.num_skipped_by_reason == {"bad_ground_truth": 1, "empty_prompt": 1}
+    assert ds.skips.first["bad_ground_truth"].startswith(f"{tmp_path / 'f.parquet'} row 1: ")
+    # Only kept rows count as normalised: the blank prompt's 1.0 does not.
+    assert ds.skip_report("data/val")["data/val_normalised/ground_truth"] == 1
+
+
+def test_a_utf8_bom_is_not_a_bad_row(tmp_path, tok):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD[1]).encode() + b"\n")
+    ds = PromptDataset.from_files([str(path)], cfg(), tok)
+    assert len(ds) == 1 and not ds.skipped and ds.skip_report("data/train") == {}

@@ -118,3 +118,27 @@ def test_collated_pairs_and_loader(tok):
     again = PromptLoader(train, batch_size=5, shuffle=True, seed=0)
     again.load_state_dict(state)
     assert torch.equal(again.next_batch()["chosen_ids"], loader.next_batch()["chosen_ids"])
+
+
+def test_pair_files_skip_invalid_utf8_and_blank_fields_by_reason(tmp_path, tok):
+    path = tmp_path / "p.jsonl"
+    lines = [
+        json.dumps(GOOD[0]).encode(),
+        b'{"prompt": "\xe9", "chosen": "1", "rejected": "2"}',  # 2: not UTF-8
+        json.dumps({"prompt": " \t", "chosen": "1", "rejected": "2"}).encode(),  # 3
+        json.dumps({"prompt": "1+1=", "chosen": "  ", "rejected": "3"}).encode(),  # 4
+        json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "\n"}).encode(),  # 5
+        json.dumps({"prompt": "1+1=", "rejected": "3"}).encode(),  # 6
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    data = PairDataset.from_files([str(path)], cfg(), tok)
+    assert len(data) == 1
+    assert data.num_skipped_by_reason == {
+        "invalid_utf8": 1,
+        "empty_prompt": 1,
+        "empty_response": 2,
+        "missing_response": 1,
+    }
+    assert data.skips.first["invalid_utf8"].startswith(f"{path}:2: invalid UTF-8")
+    assert data.skips.first["empty_response"] == f"{path}:4: empty chosen response"
+    assert data.skip_report("data/train")["data/train_skipped/empty_response"] == 2

@@ -11,10 +11,33 @@ The reference responses (only read when data.reference_response_key is set, for 
 baseline) are other models' answers to the prompt, e.g. the SFT model's; the program scores them
 with the reward function to compare the policy's rewards against.
 
-A row that cannot be used (missing prompt or ground truth, unreadable JSON, a prompt longer than
-data.max_prompt_length, no usable reference response when they are read) is skipped and counted by
-reason, never fatal: one bad line in a 100k-row file must not stop a run, but the count must be
-visible (`skipped`, logged and reported as metrics).
+A row that cannot be used is skipped and counted by reason, never fatal: one bad line in a
+100k-row file must not stop a run, but the count must be visible. Each skip has a reason code
+(`SkipRow.reason`), and the dataset logs, per code, how many rows it skipped and where the first
+one is (file:line for jsonl, file row N for parquet), and reports the counts as metrics
+(`PromptDataset.skip_report`). The codes:
+
+    invalid_utf8          a jsonl line that is not valid UTF-8
+    bad_json              a jsonl line that is not JSON
+    not_an_object         a row that is not a JSON object
+    missing_prompt        no data.prompt_key
+    bad_prompt            a prompt neither a string nor a chat of {role, content} messages, or a
+                          chat of several messages without data.apply_chat_template
+    empty_prompt          a prompt that is empty or whitespace only (every message's content)
+    too_long              a prompt longer than data.max_prompt_length (pairs: a response longer
+                          than data.max_response_length)
+    missing_ground_truth  no data.ground_truth_key
+    bad_ground_truth      a ground truth that cannot be scored: not a string or a number (a list,
+                          a dict, a boolean: JSON true is no answer, and str(True) would compare
+                          as "True"), a non-finite number (NaN, inf), or an empty/blank string
+    missing_reference     no data.reference_response_key (when read)
+    bad_reference         reference responses that are not a non-empty string or list of them
+    (pairs) missing_response, bad_response, empty_response (blank), same_responses
+
+Ground truths reach reward functions as strings (`fn(prompt, response, ground_truth: str)`):
+an int is written as is ("7"), an integral float as the integer (7.0 -> "7", which is how the
+answer is written, where str(7.0) = "7.0" could never match) and counted as
+`normalised/ground_truth`, and any other finite float as Python writes it (0.5 -> "0.5").
 """
 
 from __future__ import annotations
@@ -22,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -51,19 +75,66 @@ class PromptRow:
 
 
 class SkipRow(Exception):
-    """A row that cannot be used; the message is the (row-independent) reason it is counted under."""
+    """A row that cannot be used: the message (row-independent) says why, `reason` is its code
+    (module docstring), which the skip counts and metrics are keyed by."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
-def lookup(row: dict[str, Any], dotted_key: str) -> Any:
-    """row["a"]["b"] for "a.b"; a flat column literally named "a.b" wins. Missing -> SkipRow."""
+@dataclass
+class SkipLog:
+    """What reading a dataset left out or changed.
+
+    by_reason: reason code -> rows skipped; by_message: the detailed message -> rows skipped;
+    first: reason code -> where the first such row is and why ("file.jsonl:7: invalid UTF-8");
+    normalised: what was changed in kept rows -> how many (e.g. "ground_truth": 7.0 -> "7").
+    """
+
+    by_reason: Counter[str] = dataclasses.field(default_factory=Counter)
+    by_message: Counter[str] = dataclasses.field(default_factory=Counter)
+    first: dict[str, str] = dataclasses.field(default_factory=dict)
+    normalised: Counter[str] = dataclasses.field(default_factory=Counter)
+
+    def add(self, skip: SkipRow, where: str) -> None:
+        self.by_reason[skip.reason] += 1
+        self.by_message[str(skip)] += 1
+        self.first.setdefault(skip.reason, f"{where}: {skip}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+
+def lookup(row: dict[str, Any], dotted_key: str, reason: str = "missing_field") -> Any:
+    """row["a"]["b"] for "a.b"; a flat column literally named "a.b" wins. Missing -> SkipRow(reason)."""
     if dotted_key in row:
         return row[dotted_key]
     node: Any = row
     for part in dotted_key.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise SkipRow(f"missing {dotted_key!r}")
+            raise SkipRow(f"missing {dotted_key!r}", reason)
         node = node[part]
     return node
+
+
+def ground_truth_text(value: Any, key: str) -> tuple[str, bool]:
+    """(the ground truth as a reward function gets it, whether it was normalised); SkipRow when it
+    cannot be scored. See the module docstring for the rules."""
+    if value is None:
+        raise SkipRow(f"missing {key!r}", "missing_ground_truth")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise SkipRow(f"ground truth is a {type(value).__name__}, not a string or number", "bad_ground_truth")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise SkipRow("ground truth is not a finite number (NaN or inf)", "bad_ground_truth")
+        if value.is_integer():
+            return str(int(value)), True
+    text = str(value)
+    if not text.strip():
+        raise SkipRow("ground truth is an empty string", "bad_ground_truth")
+    return text, False
 
 
 class RowEncoder:
@@ -81,6 +152,7 @@ class RowEncoder:
         self.tokenizer = tokenizer
         # Validation rows are never compared with references: they need none.
         self.reference_key = data_cfg.reference_response_key if read_references else None
+        self.normalised: Counter[str] = Counter()  # what encode changed in the rows it returned
 
     def prompt_text(self, prompt: Any) -> str:
         if isinstance(prompt, str):
@@ -90,16 +162,18 @@ class RowEncoder:
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in prompt
             ):
-                raise SkipRow("prompt is a list but not a chat of {'role', 'content'} messages")
+                raise SkipRow("prompt is a list but not a chat of {'role', 'content'} messages", "bad_prompt")
             messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
         elif prompt is None:
-            raise SkipRow(f"missing {self.cfg.prompt_key!r}")
+            raise SkipRow(f"missing {self.cfg.prompt_key!r}", "missing_prompt")
         else:
-            raise SkipRow(f"prompt is a {type(prompt).__name__}, not a string or a chat list")
+            raise SkipRow(f"prompt is a {type(prompt).__name__}, not a string or a chat list", "bad_prompt")
+        if not any(m["content"].strip() for m in messages):
+            raise SkipRow("empty prompt", "empty_prompt")
         if self.cfg.apply_chat_template:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         if len(messages) != 1:
-            raise SkipRow("chat prompt of several messages needs data.apply_chat_template=true")
+            raise SkipRow("chat prompt of several messages needs data.apply_chat_template=true", "bad_prompt")
         return messages[0]["content"]
 
     def encode_prompt(self, prompt: Any) -> tuple[str, tuple[int, ...]]:
@@ -108,80 +182,109 @@ class RowEncoder:
         # A chat template writes its own special tokens; plain text gets the tokenizer's (e.g. BOS).
         ids = self.tokenizer(text, add_special_tokens=not self.cfg.apply_chat_template)["input_ids"]
         if not ids:
-            raise SkipRow("empty prompt")
+            raise SkipRow("empty prompt", "empty_prompt")
         if len(ids) > self.cfg.max_prompt_length:
-            raise SkipRow(f"prompt longer than data.max_prompt_length={self.cfg.max_prompt_length}")
+            raise SkipRow(
+                f"prompt longer than data.max_prompt_length={self.cfg.max_prompt_length}", "too_long"
+            )
         return text, tuple(ids)
 
-    def encode(self, prompt: Any, ground_truth: Any, data_source: str) -> PromptRow:
-        if ground_truth is None:
-            raise SkipRow(f"missing {self.cfg.ground_truth_key!r}")
-        if isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, int, float)):
-            raise SkipRow(f"ground truth is a {type(ground_truth).__name__}, not a string or number")
+    def encode(
+        self,
+        prompt: Any,
+        ground_truth: Any,
+        data_source: str,
+        reference_responses: tuple[str, ...] = (),
+    ) -> PromptRow:
+        truth, normalised = ground_truth_text(ground_truth, self.cfg.ground_truth_key)
         text, ids = self.encode_prompt(prompt)
-        return PromptRow(text, ids, str(ground_truth), data_source)
+        row = PromptRow(text, ids, truth, data_source, reference_responses=reference_responses)
+        if normalised:  # counted only for rows that are kept
+            self.normalised["ground_truth"] += 1
+        return row
 
     def reference_responses(self, record: dict[str, Any]) -> tuple[str, ...]:
         """The row's reference responses: a non-empty string or a non-empty list of them."""
         assert self.reference_key is not None
-        value = lookup(record, self.reference_key)
+        value = lookup(record, self.reference_key, "missing_reference")
         refs = [value] if isinstance(value, str) else value
         if not isinstance(refs, (list, tuple)) or not all(isinstance(r, str) for r in refs):
-            raise SkipRow(f"{self.reference_key!r} is not a string or a list of strings")
+            raise SkipRow(f"{self.reference_key!r} is not a string or a list of strings", "bad_reference")
         if not refs or not all(r.strip() for r in refs):
-            raise SkipRow(f"{self.reference_key!r} is empty or holds an empty response")
+            raise SkipRow(f"{self.reference_key!r} is empty or holds an empty response", "bad_reference")
         return tuple(refs)
 
     def encode_record(self, record: Any, default_source: str) -> PromptRow:
         if not isinstance(record, dict):
-            raise SkipRow("row is not an object")
+            raise SkipRow("row is not an object", "not_an_object")
         source = record.get("data_source")  # an optional column of the row, not config
-        row = self.encode(
+        truth = lookup(record, self.cfg.ground_truth_key, "missing_ground_truth")
+        refs = self.reference_responses(record) if self.reference_key is not None else ()
+        return self.encode(
             record.get(self.cfg.prompt_key),
-            lookup(record, self.cfg.ground_truth_key),
+            truth,
             source if isinstance(source, str) and source else default_source,
+            refs,
         )
-        if self.reference_key is None:
-            return row
-        return dataclasses.replace(row, reference_responses=self.reference_responses(record))
 
 
-def read_records(path: Path) -> Iterator[dict[str, Any] | SkipRow]:
-    """Rows of a .jsonl or .parquet file; an unreadable jsonl line is yielded as a SkipRow."""
+def read_records(path: Path) -> Iterator[tuple[str, dict[str, Any] | SkipRow]]:
+    """(where, row) for the rows of a .jsonl or .parquet file, `where` being "path:line" (jsonl,
+    1-based) or "path row N" (parquet, 0-based); a jsonl line that is not UTF-8 or not JSON is
+    yielded as a SkipRow. Blank lines are ignored; a UTF-8 byte order mark at the start is allowed."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as lines:
-            for line in lines:
+        with path.open("rb") as lines:
+            for number, raw in enumerate(lines, 1):
+                where = f"{path}:{number}"
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    yield where, SkipRow(f"invalid UTF-8 (byte {err.start + 1} of the line)", "invalid_utf8")
+                    continue
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line)
+                    yield where, json.loads(line)
                 except json.JSONDecodeError:
-                    yield SkipRow("invalid JSON line")
+                    yield where, SkipRow("invalid JSON line", "bad_json")
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
+        number = 0
         for record_batch in pq.ParquetFile(path).iter_batches():
-            yield from record_batch.to_pylist()
+            for record in record_batch.to_pylist():
+                yield f"{path} row {number}", record
+                number += 1
     else:
         raise AssertionError(f"unsupported suffix {path.suffix}")  # checked by PromptDataset.from_files
 
 
-def encode_each(items: Iterable[Any], encode: Callable[[Any], RowT]) -> tuple[list[RowT], Counter[str]]:
-    """`encode(item)` for every item (a built-in task's problems); SkipRows counted by reason."""
+def encode_located(
+    items: Iterable[tuple[str, Any]], encode: Callable[[Any], RowT]
+) -> tuple[list[RowT], SkipLog]:
+    """`encode(item)` for every (where, item); SkipRows (raised, or given as the item) are logged
+    under their reason with `where`."""
     rows: list[RowT] = []
-    skipped: Counter[str] = Counter()
-    for item in items:
+    skips = SkipLog()
+    for where, item in items:
         try:
+            if isinstance(item, SkipRow):  # unreadable line, counted like a bad row
+                raise item
             rows.append(encode(item))
-        except SkipRow as reason:
-            skipped[str(reason)] += 1
-    return rows, skipped
+        except SkipRow as skip:
+            skips.add(skip, where)
+    return rows, skips
+
+
+def encode_each(items: Iterable[Any], encode: Callable[[Any], RowT]) -> tuple[list[RowT], SkipLog]:
+    """`encode(item)` for every item (a built-in task's problems); SkipRows logged by reason."""
+    return encode_located(((f"item {i}", item) for i, item in enumerate(items)), encode)
 
 
 def encode_files(
     paths: Sequence[str], field: str, encode: Callable[[dict[str, Any], str], RowT]
-) -> tuple[list[RowT], Counter[str]]:
-    """`encode(record, file stem)` over every row of the files; SkipRows counted by reason.
+) -> tuple[list[RowT], SkipLog]:
+    """`encode(record, file stem)` over every row of the files; SkipRows logged by reason.
 
     `field` (e.g. "data.train_files") names the paths in errors: a wrong suffix or a missing
     file fails at once, before any row is read.
@@ -193,29 +296,37 @@ def encode_files(
         if not f.is_file():
             raise ValueError(f"{field} holds {str(f)!r}, which does not exist; fix the path")
 
-    def encode_one(item: tuple[dict[str, Any] | SkipRow, str]) -> RowT:
+    def encode_one(item: tuple[dict[str, Any], str]) -> RowT:
         record, stem = item
-        if isinstance(record, SkipRow):  # unreadable line, counted like a bad row
-            raise record
         return encode(record, stem)
 
-    return encode_each(((record, f.stem) for f in files for record in read_records(f)), encode_one)
+    located = (
+        (where, record if isinstance(record, SkipRow) else (record, f.stem))
+        for f in files
+        for where, record in read_records(f)
+    )
+    return encode_located(located, encode_one)
 
 
 class PromptDataset(Sequence[PromptRow]):
-    def __init__(self, rows: list[PromptRow], skipped: Counter[str], name: str, pad_token_id: int):
+    def __init__(self, rows: list[PromptRow], skips: SkipLog, name: str, pad_token_id: int):
         self.rows = rows
-        self.skipped = skipped  # reason -> number of rows skipped for it
+        self.skips = skips
         self.name = name
         self.pad_token_id = pad_token_id
-        if skipped:
+        if skips.total:
             log.warning(
                 "%s: skipped %d of %d rows: %s",
                 name,
                 self.num_skipped,
                 len(rows) + self.num_skipped,
-                dict(skipped),
+                "; ".join(
+                    f"{reason} {count} (first at {skips.first[reason]})"
+                    for reason, count in sorted(skips.by_reason.items())
+                ),
             )
+        if skips.normalised:
+            log.info("%s: normalised in kept rows: %s", name, dict(skips.normalised))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -224,8 +335,27 @@ class PromptDataset(Sequence[PromptRow]):
         return self.rows[index]
 
     @property
+    def skipped(self) -> Counter[str]:
+        """Detailed skip message -> rows skipped for it."""
+        return self.skips.by_message
+
+    @property
     def num_skipped(self) -> int:
-        return sum(self.skipped.values())
+        return self.skips.total
+
+    @property
+    def num_skipped_by_reason(self) -> dict[str, int]:
+        """Reason code (module docstring) -> rows skipped for it; only reasons that occurred."""
+        return dict(self.skips.by_reason)
+
+    def skip_report(self, prefix: str) -> dict[str, int]:
+        """The skip and normalisation counts as metrics, e.g. for prefix "data/train":
+        {"data/train_skipped/invalid_utf8": 2, "data/train_normalised/ground_truth": 5}; only
+        reasons that occurred (the total is `num_skipped`)."""
+        report = {f"{prefix}_skipped/{reason}": n for reason, n in sorted(self.skips.by_reason.items())}
+        return report | {
+            f"{prefix}_normalised/{what}": n for what, n in sorted(self.skips.normalised.items())
+        }
 
     def collate(self, rows: Sequence[PromptRow], uids: Sequence[str]) -> Batch:
         """The loader's batch of `rows` (pair datasets add their response columns)."""
@@ -242,8 +372,9 @@ class PromptDataset(Sequence[PromptRow]):
         read_references: bool = True,
     ) -> PromptDataset:
         encoder = RowEncoder(data_cfg, tokenizer, read_references)
-        rows, skipped = encode_files(paths, field, encoder.encode_record)
-        return cls(rows, skipped, f"{field}={list(paths)}", _pad_id(tokenizer))
+        rows, skips = encode_files(paths, field, encoder.encode_record)
+        skips.normalised.update(encoder.normalised)
+        return cls(rows, skips, f"{field}={list(paths)}", _pad_id(tokenizer))
 
     @classmethod
     def from_task(
@@ -256,11 +387,12 @@ class PromptDataset(Sequence[PromptRow]):
         from tidal.tasks.arithmetic import DATA_SOURCE, make_split
 
         encoder = RowEncoder(data_cfg, tokenizer)
-        rows, skipped = encode_each(
+        rows, skips = encode_each(
             make_split(task, split),
             lambda problem: encoder.encode(problem.prompt, problem.answer, DATA_SOURCE),
         )
-        return cls(rows, skipped, f"data.task ({split})", _pad_id(tokenizer))
+        skips.normalised.update(encoder.normalised)
+        return cls(rows, skips, f"data.task ({split})", _pad_id(tokenizer))
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -293,7 +425,10 @@ def build_datasets(
         val = None
     for dataset in (train, val):
         if dataset is not None and not len(dataset):
-            raise ValueError(f"{dataset.name} yields no usable prompt; skipped rows: {dict(dataset.skipped)}")
+            raise ValueError(
+                f"{dataset.name} yields no usable prompt; skipped rows: {dict(dataset.skipped)}; "
+                f"first of each: {dataset.skips.first}"
+            )
     return train, val
 
 

@@ -9,9 +9,11 @@ Rows come from jsonl or parquet files, in the layout TRL and OpenRLHF read:
 or from the built-in arithmetic task (the right answer against a near miss, tidal/tasks/arithmetic.py).
 A response given as a chat is its last message, which must be the assistant's. The prompt is
 encoded exactly as for RL (`RowEncoder`: chat template, max_prompt_length); each response is its
-text's tokens plus EOS, so the policy also learns where an answer ends. Bad rows (missing or
-non-text fields, identical responses, a response longer than data.max_response_length) are
-skipped and counted by reason, as for prompts.
+text's tokens plus EOS, so the policy also learns where an answer ends. Bad rows are skipped and
+counted by reason code, with the first of each located, as for prompts (tidal/dataflow/dataset.py:
+invalid_utf8, bad_json, not_an_object, missing_prompt, bad_prompt, empty_prompt, too_long) plus
+missing_response (no chosen or rejected), bad_response (not text, or a chat whose last message is
+not the assistant's), empty_response (empty or whitespace only) and same_responses.
 
 A batch has the prompt columns of `collate` (left-padded prompt_ids / prompt_mask, uid,
 prompt_text, ground_truth = the chosen text, data_source) plus right-padded chosen_ids /
@@ -70,16 +72,20 @@ class PairEncoder:
         if isinstance(response, (list, tuple)):
             last = response[-1] if response else None
             if not isinstance(last, dict) or last.get("role") != "assistant":
-                raise SkipRow(f"{name} is a list but its last message is not the assistant's")
+                raise SkipRow(f"{name} is a list but its last message is not the assistant's", "bad_response")
             response = last.get("content")
         if not isinstance(response, str):
-            raise SkipRow(f"{name} is a {type(response).__name__}, not a string or a chat list")
+            raise SkipRow(
+                f"{name} is a {type(response).__name__}, not a string or a chat list", "bad_response"
+            )
         ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise SkipRow(f"empty {name} response")
+        if not ids or not response.strip():
+            raise SkipRow(f"empty {name} response", "empty_response")
         ids = [*ids, self.tokenizer.eos_token_id]
         if len(ids) > self.cfg.max_response_length:
-            raise SkipRow(f"{name} longer than data.max_response_length={self.cfg.max_response_length}")
+            raise SkipRow(
+                f"{name} longer than data.max_response_length={self.cfg.max_response_length}", "too_long"
+            )
         return response, tuple(ids)
 
     def encode(self, prompt: Any, chosen: Any, rejected: Any, data_source: str) -> PairRow:
@@ -87,17 +93,17 @@ class PairEncoder:
         chosen_text, chosen_ids = self.response_ids(chosen, "chosen")
         _, rejected_ids = self.response_ids(rejected, "rejected")
         if chosen_ids == rejected_ids:
-            raise SkipRow("chosen and rejected are the same response")
+            raise SkipRow("chosen and rejected are the same response", "same_responses")
         return PairRow(text, prompt_ids, chosen_text, data_source, chosen_ids, rejected_ids)
 
     def encode_record(self, record: Any, default_source: str) -> PairRow:
         if not isinstance(record, dict):
-            raise SkipRow("row is not an object")
+            raise SkipRow("row is not an object", "not_an_object")
         source = record.get("data_source")
         return self.encode(
-            lookup(record, self.cfg.prompt_key),
-            lookup(record, self.cfg.chosen_key),
-            lookup(record, self.cfg.rejected_key),
+            lookup(record, self.cfg.prompt_key, "missing_prompt"),
+            lookup(record, self.cfg.chosen_key, "missing_response"),
+            lookup(record, self.cfg.rejected_key, "missing_response"),
             source if isinstance(source, str) and source else default_source,
         )
 
@@ -115,8 +121,8 @@ class PairDataset(PromptDataset):
         tokenizer: PreTrainedTokenizerBase,
         field: str = "data.train_files",
     ) -> PairDataset:
-        rows, skipped = encode_files(paths, field, PairEncoder(data_cfg, tokenizer).encode_record)
-        return cls(rows, skipped, f"{field}={list(paths)} (pairs)", _pad_id(tokenizer))
+        rows, skips = encode_files(paths, field, PairEncoder(data_cfg, tokenizer).encode_record)
+        return cls(rows, skips, f"{field}={list(paths)} (pairs)", _pad_id(tokenizer))
 
     @classmethod
     def from_task(  # type: ignore[override]
@@ -129,11 +135,11 @@ class PairDataset(PromptDataset):
         from tidal.tasks.arithmetic import DATA_SOURCE, make_pairs
 
         encoder = PairEncoder(data_cfg, tokenizer)
-        rows, skipped = encode_each(
+        rows, skips = encode_each(
             make_pairs(task, split),
             lambda pair: encoder.encode(pair.prompt, pair.chosen, pair.rejected, DATA_SOURCE),
         )
-        return cls(rows, skipped, f"data.task ({split} pairs)", _pad_id(tokenizer))
+        return cls(rows, skips, f"data.task ({split} pairs)", _pad_id(tokenizer))
 
     def collate(self, rows: Sequence[PromptRow], uids: Sequence[str]) -> Batch:
         return collate_pairs(rows, uids, self.pad_token_id)  # type: ignore[arg-type]
@@ -185,5 +191,8 @@ def build_pair_datasets(
         val = None
     for dataset in (train, val):
         if dataset is not None and not len(dataset):
-            raise ValueError(f"{dataset.name} yields no usable pair; skipped rows: {dict(dataset.skipped)}")
+            raise ValueError(
+                f"{dataset.name} yields no usable pair; skipped rows: {dict(dataset.skipped)}; "
+                f"first of each: {dataset.skips.first}"
+            )
     return train, val
