@@ -7,11 +7,13 @@ Programs only see role handles (`job.actor.update(batch)`) and a few driver-side
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from tidal.algorithms import build_kl_controller
 from tidal.checkpoint.manager import CheckpointManager
+from tidal.checkpoint.run_dir import check_resumable, config_fingerprint, fingerprinted_config, new_run_id
 from tidal.config.schema import JobConfig
 from tidal.controller.dispatch import run_task
 from tidal.controller.ray_cluster import ensure_ray
@@ -20,6 +22,8 @@ from tidal.controller.worker_group import WorkerGroup
 from tidal.dataflow.batch import Batch
 from tidal.dataflow.dataset import PromptDataset, PromptLoader, build_datasets
 from tidal.observability.metrics import MetricsLogger
+
+log = logging.getLogger(__name__)
 
 
 def role_classes(cfg: JobConfig) -> dict[str, type]:
@@ -44,12 +48,14 @@ def role_classes(cfg: JobConfig) -> dict[str, type]:
 
 
 class Job:
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, run_id: str | None = None):
         self.cfg = cfg
         self.output_dir = Path(cfg.trainer.output_dir)
         self.version = 0
         self.kl_ctrl = build_kl_controller(cfg.algorithm.kl_ctrl)
-        self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint.keep_last)
+        # A resume takes over the restored checkpoint's run id (restore_latest_checkpoint).
+        self.run_id = run_id or new_run_id()
+        self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint.keep_last, self.run_id)
         self.groups: dict[str, WorkerGroup] = {}
         self.val_prompts: Batch | None = None  # held-out prompts for the generating eval
         self.val_pairs: Batch | None = None  # held-out preference pairs (preference jobs)
@@ -58,10 +64,11 @@ class Job:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def start(cls, cfg: JobConfig) -> Job:
+    def start(cls, cfg: JobConfig, run_id: str | None = None) -> Job:
+        """`run_id`: the one `run_dir.prepare_output_dir` recorded (a new one when not given)."""
         from tidal.tasks.prepare import check_reference_model, prepare_model
 
-        job = cls(cfg)
+        job = cls(cfg, run_id)
         model_path = prepare_model(cfg.model, cfg.data)
         if cfg.reference_enabled and cfg.reference.model_path is not None:
             check_reference_model(cfg.reference.model_path, model_path)
@@ -177,20 +184,41 @@ class Job:
                 "step": step,
                 "loader": self.train_loader.state_dict(),
                 "kl_coef": self.kl_ctrl.value,
+                # What resume checks the config against (run_dir.check_resumable).
+                "fingerprint": config_fingerprint(self.cfg),
+                "config": fingerprinted_config(self.cfg),
             },
         )
 
     def restore_latest_checkpoint(self) -> int:
-        """Load the newest complete checkpoint when trainer.resume is set; return its step (0 if none)."""
-        latest = self.checkpoints.latest() if self.cfg.trainer.resume else None
+        """Load the newest complete checkpoint when trainer.resume is set; return its step (0 if none).
+
+        Refuses (ValueError) a checkpoint made by a different config; says which one it restored."""
+        if not self.cfg.trainer.resume:
+            return 0
+        latest = self.checkpoints.latest()
         if latest is None:
+            log.warning(
+                "trainer.resume=true but %s holds no complete checkpoint; starting a fresh run",
+                self.checkpoints.root,
+            )
             return 0
         step, path = latest
+        state = self.checkpoints.trainer_state(path)
+        check_resumable(self.cfg, state, path)  # before any role loads anything
         for role in self._trained_roles():
             self._role(role).load_checkpoint(str(path / role))
-        state = self.checkpoints.trainer_state(path)
         self.train_loader.load_state_dict(state["loader"])
         self.kl_ctrl.value = state["kl_coef"]
+        self.run_id = self.checkpoints.run_id = state["run_id"]  # the same run goes on
+        log.info("resumed from %s (step %d)", path, step)
+        total = self.cfg.trainer.total_steps
+        if step >= total:
+            log.warning(
+                "already at step %d of %d; nothing to train (raise trainer.total_steps to continue)",
+                step,
+                total,
+            )
         return step
 
 
@@ -201,10 +229,12 @@ def _loaders(
     the data report (`data/train_<kind>`, `data/train_skipped`, ...)."""
     loader = PromptLoader(train_set, cfg.trainer.prompts_per_step, cfg.data.shuffle, cfg.data.seed)
     report = {f"data/train_{kind}": len(train_set), "data/train_skipped": train_set.num_skipped}
+    report |= train_set.skip_report("data/train")  # skips by reason, so metrics say why rows went
     if val_set is None:
         return loader, None, report
     val = _held_out_batch(cfg, val_set)
-    return loader, val, report | {f"data/val_{kind}": len(val), "data/val_skipped": val_set.num_skipped}
+    report |= {f"data/val_{kind}": len(val), "data/val_skipped": val_set.num_skipped}
+    return loader, val, report | val_set.skip_report("data/val")
 
 
 def _held_out_batch(cfg: JobConfig, val_set: PromptDataset) -> Batch:

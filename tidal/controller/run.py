@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from tidal.checkpoint.run_dir import check_output_dir, prepare_output_dir
 from tidal.config.schema import JobConfig
 from tidal.controller.job import Job
 from tidal.controller.programs.grpo import run_grpo
@@ -12,8 +14,14 @@ from tidal.controller.programs.preference import run_preference
 
 
 def train(cfg: JobConfig) -> dict[str, Any]:
-    """Train to trainer.total_steps; return the final metrics, the data report and the plot path."""
-    job = Job.start(cfg)
+    """Train to trainer.total_steps; return the final metrics, the data report and the plot path.
+
+    Raises ValueError before any process starts when trainer.output_dir holds a run this config may
+    not start over or resume (see tidal/checkpoint/run_dir.py)."""
+    check_output_dir(cfg)
+    run_id = prepare_output_dir(cfg)
+    _show_info_logs()
+    job = Job.start(cfg, run_id)
     try:
         if cfg.algorithm.preference is not None:
             program = run_preference  # offline pairs: DPO, SimPO, REDI
@@ -28,3 +36,14 @@ def train(cfg: JobConfig) -> dict[str, Any]:
         "plot": str(plot) if plot else None,
         "output_dir": str(job.output_dir),
     }
+
+
+def _show_info_logs() -> None:
+    """Print Tidal's info lines (e.g. "resumed from ...") when the application configured no logging."""
+    tidal_log = logging.getLogger("tidal")
+    if logging.getLogger().handlers or tidal_log.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("tidal: %(message)s"))
+    tidal_log.addHandler(handler)
+    tidal_log.setLevel(logging.INFO)

@@ -33,12 +33,21 @@ def run_steps(
     `evaluate` runs before the first step of a fresh run, every trainer.eval_every steps and after
     the last one (programs with held-out checks of their own pass one that adds them)."""
     cfg = job.cfg
-    first = job.restore_latest_checkpoint() + 1
+    restored = job.restore_latest_checkpoint()
+    first = restored + 1
+    # Rows from the step this run logs first on belong to an abandoned attempt: drop them.
+    job.logger.begin(first if restored else 0)
     stages.sync_weights(job, version=first - 1)
     last: dict[str, float] = {}
-    if first == 1:
+    # The data report goes with the first row this run logs (row 0, or the first step after a
+    # resume, with resume/step), so metrics.jsonl and TensorBoard always hold it, once per start.
+    first_row_extra = dict(job.dataset_report)
+    if restored == 0:
         last = evaluate(job)
-        job.logger.log(0, last)
+        job.logger.log(0, last | first_row_extra)
+        first_row_extra = {}
+    else:
+        first_row_extra["resume/step"] = restored
     bar = tqdm(
         range(first, cfg.trainer.total_steps + 1),
         initial=first - 1,
@@ -55,7 +64,8 @@ def run_steps(
         every = cfg.trainer.eval_every
         if step == cfg.trainer.total_steps or (every and step % every == 0):
             metrics |= evaluate(job)
-        job.logger.log(step, metrics)
+        job.logger.log(step, metrics | first_row_extra)
+        first_row_extra = {}
         bar.set_postfix({short: f"{metrics[key]:.3g}" for key, short in BAR_KEYS.items() if key in metrics})
         job.maybe_save_checkpoint(step)
         last = metrics
