@@ -208,19 +208,45 @@ def test_gae_needs_values():
 # --------------------------------------------------------------------------------- REINFORCE++
 
 
-def test_reinforce_plus_plus_discounted_returns_reset_after_mask():
+def test_reinforce_plus_plus_carries_the_return_across_masked_spans():
     cfg = AlgorithmConfig(gamma=0.5)
     rewards = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 4.0, 0.0, 1.0]])
     mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 1]])
     adv, ret = ADVANTAGE_ESTIMATORS.get("reinforce_plus_plus")(
         rewards, mask, group_ids=None, values=None, config=cfg
     )
-    # row 1: the masked gap at t=2 cuts the return: t=3 -> 1, t=1 -> 4 + 0.5 * 0 (reset), t=0 -> 2
-    expected = torch.tensor([[1.5, 1.0, 2.0, 0.0], [2.0, 4.0, 0.0, 1.0]])
+    # row 1: the masked gap at t=2 is skipped (not a reset, not a discount step):
+    # t=3 -> 1, t=1 -> 4 + 0.5 * 1 = 4.5, t=0 -> 0 + 0.5 * 4.5 = 2.25
+    expected = torch.tensor([[1.5, 1.0, 2.0, 0.0], [2.25, 4.5, 0.0, 1.0]])
     torch.testing.assert_close(ret, expected)
     valid = expected[mask == 1]
     torch.testing.assert_close(adv[mask == 1], (valid - valid.mean()) / torch.sqrt(valid.var() + 1e-8))
     assert torch.all(adv[mask == 0] == 0)
+
+
+def test_reinforce_plus_plus_credits_every_turn_of_a_multi_turn_response():
+    """Outcome reward on the last token; two tool-observation spans masked inside the response."""
+    mask = torch.tensor([[1.0, 1, 0, 0, 1, 1, 0, 1, 0, 0]], dtype=torch.float64)  # trailing padding too
+    rewards = torch.zeros_like(mask)
+    rewards[0, 7] = 1.0
+    _, ret = ADVANTAGE_ESTIMATORS.get("reinforce_plus_plus")(
+        rewards, mask, group_ids=None, values=None, config=AlgorithmConfig(gamma=0.9)
+    )
+    # Valid tokens from the end: t=7 -> 1, t=5 -> 0.9, t=4 -> 0.81, t=1 -> 0.729, t=0 -> 0.6561
+    expected = torch.zeros_like(mask)
+    for t, value in ((7, 1.0), (5, 0.9), (4, 0.81), (1, 0.729), (0, 0.6561)):
+        expected[0, t] = value
+    torch.testing.assert_close(ret, expected)
+
+
+def test_reinforce_plus_plus_all_masked_row_is_zero():
+    rewards = torch.tensor([[1.0, 2.0], [0.0, 3.0]])
+    mask = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    adv, ret = ADVANTAGE_ESTIMATORS.get("reinforce_plus_plus")(
+        rewards, mask, group_ids=None, values=None, config=AlgorithmConfig(gamma=1.0)
+    )
+    assert torch.all(ret[0] == 0) and torch.all(adv[0] == 0)
+    torch.testing.assert_close(ret[1], torch.tensor([3.0, 3.0]))
 
 
 def test_reinforce_plus_plus_baseline_hand_computed():
@@ -293,3 +319,25 @@ def test_remax_subtracts_greedy_baseline_from_return_to_go():
     torch.testing.assert_close(adv, torch.tensor([[0.75, 0.75, 0.0], [-1.0, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="reward_baselines"):
         ADVANTAGE_ESTIMATORS.get("remax")(rewards, mask, group_ids=None, values=None, config=CFG)
+
+
+def test_group_std_epsilon_and_gpg_f_norm_are_settings():
+    rewards, mask = outcome_rewards([1.0, 0.0, 0.0], [1, 1, 1], width=1)
+    groups = ["a", "a", "a"]
+    std = torch.tensor([1.0, 0.0, 0.0]).std()
+    for eps in (1e-6, 1e-4):
+        adv, _ = ADVANTAGE_ESTIMATORS.get("grpo")(
+            rewards, mask, group_ids=groups, values=None, config=AlgorithmConfig(norm_adv_epsilon=eps)
+        )
+        torch.testing.assert_close(adv[:, 0], (torch.tensor([1.0, 0.0, 0.0]) - 1 / 3) / (std + eps))
+    cfg = AlgorithmConfig(advantage_estimator="gpg", gpg_f_norm=4.0)
+    adv, _ = ADVANTAGE_ESTIMATORS.get("gpg")(rewards, mask, group_ids=groups, values=None, config=cfg)
+    # alpha = 3 samples / 1 nonzero score = 3
+    torch.testing.assert_close(adv[:, 0], 3 * (torch.tensor([1.0, 0.0, 0.0]) - 1 / 3) / 4.0)
+
+
+def test_estimator_options_for_another_estimator_are_refused():
+    with pytest.raises(ValueError, match="algorithm.gpg_f_norm is set but algorithm.advantage_estimator='grpo'"):
+        AlgorithmConfig(gpg_f_norm=2.0)
+    with pytest.raises(ValueError, match="algorithm.norm_adv_epsilon is set but .*'gpg'"):
+        AlgorithmConfig(advantage_estimator="gpg", norm_adv_epsilon=1e-4)

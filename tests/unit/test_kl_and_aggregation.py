@@ -181,6 +181,8 @@ def naive_aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str) -> fl
         return 0.0
     if mode == "token-mean":
         return sum(map(sum, rows)) / sum(map(len, rows))
+    if mode == "token-sum":
+        return sum(map(sum, rows))
     if mode == "seq-mean-token-sum":
         return sum(map(sum, rows)) / len(rows)
     if mode == "seq-mean-token-mean":

@@ -161,7 +161,7 @@ def test_gspo_uses_sequence_ratio_and_token_gradients():
     log_probs = torch.tensor([[0.1, 0.3, 9.0], [0.0, 0.0, 0.0]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     advantages = torch.tensor([[1.0, 1.0, 1.0], [-2.0, -2.0, -2.0]])
-    cfg = ActorConfig(clip_ratio_low=0.1, clip_ratio_high=0.3)
+    cfg = ActorConfig(clip_ratio_low=0.1, clip_ratio_high=0.3, loss_agg_mode="seq-mean-token-mean")
     loss, _ = call("gspo", log_probs, old, advantages, mask, config=cfg)
     seq_ratio = math.exp(0.2)  # mean log-ratio of row 0 = 0.2, inside [0.9, 1.3]
     assert loss.item() == pytest.approx((-seq_ratio + 2.0) / 2, rel=1e-6)
@@ -169,6 +169,32 @@ def test_gspo_uses_sequence_ratio_and_token_gradients():
     # d/dlogp_t of -A * s: -A * s / (len * num_seqs) per valid token (seq-mean-token-mean)
     expected = torch.tensor([[-seq_ratio / 4, -seq_ratio / 4, 0.0], [2 / 6, 2 / 6, 2 / 6]])
     torch.testing.assert_close(log_probs.grad, expected)
+
+
+def test_gspo_follows_loss_agg_mode():
+    """verl aggregates GSPO by loss_agg_mode (token-mean by default), not always per sequence."""
+    old = torch.zeros(2, 3)
+    log_probs = torch.tensor([[0.1, 0.3, 9.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    advantages = torch.tensor([[1.0, 1.0, 1.0], [-2.0, -2.0, -2.0]])
+    seq_ratio = math.exp(0.2)
+    token_losses = [-seq_ratio, -seq_ratio, 2.0, 2.0, 2.0]  # the five valid tokens
+    for mode, expected in (
+        ("token-mean", sum(token_losses) / 5),
+        ("token-sum", sum(token_losses)),
+        ("seq-mean-token-sum", (-2 * seq_ratio + 6.0) / 2),
+    ):
+        cfg = ActorConfig(clip_ratio_high=0.3, loss_agg_mode=mode)  # e^0.2 stays unclipped
+        loss, _ = call("gspo", log_probs, old, advantages, mask, config=cfg)
+        assert loss.item() == pytest.approx(expected, rel=1e-6), mode
+
+
+def test_losses_with_their_own_aggregation_refuse_another_mode():
+    for loss in ("sapo", "geo_mean"):
+        with pytest.raises(ValueError, match=f"actor.policy_loss={loss} always aggregates"):
+            ActorConfig(policy_loss=loss, loss_agg_mode="token-mean")
+        ActorConfig(policy_loss=loss, loss_agg_mode="seq-mean-token-mean")  # its own: fine
+    ActorConfig(policy_loss="gspo", loss_agg_mode="token-mean")
 
 
 def test_gspo_clipped_sequence_has_no_gradient():

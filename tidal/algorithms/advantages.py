@@ -109,18 +109,21 @@ def reinforce_plus_plus(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++ (Hu 2025): discounted return-to-go, whitened over the whole batch's valid tokens.
 
-    The running return is reset after each masked position, so a gap (or the padding after EOS)
-    starts a new segment, as in verl.
+    A masked position (a tool observation inside a multi-turn response, or padding) is skipped: the
+    running return passes it unchanged, so an outcome reward on the last token still credits the
+    earlier turns, and gamma discounts per valid token only (verl's definition since its
+    multi-turn fix). Masked positions get return 0.
     """
     mask = check_shapes(token_rewards, response_mask)
     returns = torch.zeros_like(token_rewards)
     running = torch.zeros_like(token_rewards[:, 0])
     for t in reversed(range(token_rewards.shape[-1])):
-        running = token_rewards[:, t] + config.gamma * running
-        returns[:, t] = running
-        running = running * mask[:, t]
+        valid = mask[:, t]
+        candidate = token_rewards[:, t] + config.gamma * running
+        returns[:, t] = candidate * valid
+        running = torch.where(valid > 0, candidate, running)
     advantages = masked_whiten(returns, mask) * mask
-    return advantages, returns * mask
+    return advantages, returns
 
 
 def remax(

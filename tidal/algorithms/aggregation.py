@@ -24,6 +24,7 @@ from tidal.algorithms.masked import masked_sum
 
 LOSS_AGG_MODES: tuple[str, ...] = (
     "token-mean",
+    "token-sum",
     "seq-mean-token-sum",
     "seq-mean-token-mean",
     "seq-mean-token-sum-norm",
@@ -113,6 +114,8 @@ def aggregate_loss(
 
     Modes (fully padded rows never count as sequences):
     - token-mean: sum of token losses / number of valid tokens.
+    - token-sum: sum of token losses over the whole mini-batch, no normalisation (verl's token-sum;
+      its gradient grows with the number of tokens, so scale the learning rate accordingly).
     - seq-mean-token-sum: mean over sequences of each sequence's token sum.
     - seq-mean-token-mean: mean over sequences of each sequence's token mean.
     - seq-mean-token-sum-norm (Dr. GRPO): sum of token losses / (number of sequences * norm_length),
@@ -122,7 +125,7 @@ def aggregate_loss(
       numerator / norm_length (no mean over sequences) and relies on its trainer scaling by
       1 / #micro-batches; dividing by the sequence count here makes the value batch-size free.
 
-    `denominator`: None normalises by this piece's own counts. Otherwise the global count of the
+    `denominator` (not used by token-sum): None normalises by this piece's own counts. Otherwise the global count of the
     whole mini-batch: the number of valid tokens for token-mean, the number of non-empty sequences
     for the three seq-mean modes (for seq-mean-token-sum-norm the divisor is that count times
     `norm_length`). A `GlobalCounts` gives both. Zero counts are treated as 1, so an empty piece
@@ -134,6 +137,8 @@ def aggregate_loss(
     mask = mask.to(loss_mat.dtype)
     if mode == "token-mean":
         return masked_sum(loss_mat, mask) / _pick(denominator, True, mask.sum())
+    if mode == "token-sum":  # pieces add up to the whole: nothing to divide by
+        return masked_sum(loss_mat, mask)
 
     token_counts = mask.sum(dim=-1)
     seq_mask = (token_counts > 0).to(loss_mat.dtype)

@@ -105,10 +105,14 @@ def kl_cov(
     num_valid = int(valid.sum())
     if num_valid:
         with torch.no_grad():
-            # Statistics over the valid tokens only (verl's); padding is excluded from top-k by -inf.
+            # Statistics over the valid tokens only (verl's). Top-k runs over the valid tokens packed
+            # in row-major order, exactly as verl's does: torch.topk breaks ties by position in its
+            # input, so a top-k over the padded matrix (or a stable sort) penalises other tokens
+            # among equal covariances than verl, and the gradients differ.
             cov = _centred_covariance(advantages, log_probs, response_mask)
-            cov = torch.where(valid, cov, torch.full_like(cov, float("-inf")))
-            top = torch.topk(cov.flatten(), max(1, int(num_valid * kl_cov_ratio))).indices
+            valid_index = torch.nonzero(valid.flatten(), as_tuple=True)[0]
+            top_valid = torch.topk(cov.flatten()[valid_index], max(1, int(num_valid * kl_cov_ratio))).indices
+            top = valid_index[top_valid]
             penalised = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)
             penalised[top] = True
         pg_losses = torch.where(penalised.view_as(cov), pg_losses + kl_cov_coef * log_ratio.abs(), pg_losses)

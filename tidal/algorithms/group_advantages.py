@@ -20,8 +20,6 @@ from tidal.algorithms.masked import masked_whiten
 if TYPE_CHECKING:
     from tidal.config.schema import AlgorithmConfig
 
-EPS = 1e-6  # verl's epsilon in the std division
-
 
 def _group_stats(scores: torch.Tensor, groups: list[list[int]]) -> tuple[torch.Tensor, ...]:
     """Per-row group mean, unbiased group std and group size (singletons: mean 0, std 1)."""
@@ -54,7 +52,9 @@ def grpo(
     values: torch.Tensor | None = None,
     config: AlgorithmConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GRPO (Shao et al. 2024): (score - group mean) / (group std + 1e-6).
+    """GRPO (Shao et al. 2024): (score - group mean) / (group std + epsilon).
+
+    epsilon is `config.norm_adv_epsilon`: verl's 1e-6 by default, TRL's 1e-4 on request.
 
     `config.norm_adv_by_std_in_grpo=False` skips the std division (Dr. GRPO).
     """
@@ -62,7 +62,8 @@ def grpo(
     scores = token_rewards.sum(dim=-1)
     mean, std, _ = _group_stats(scores, group_rows(group_ids, len(scores), "grpo"))
     centered = scores - mean
-    return _broadcast(centered / (std + EPS) if config.norm_adv_by_std_in_grpo else centered, mask)
+    normalised = centered / (std + config.norm_adv_epsilon)
+    return _broadcast(normalised if config.norm_adv_by_std_in_grpo else centered, mask)
 
 
 @ADVANTAGE_ESTIMATORS.register("grpo_batch_std")
@@ -88,7 +89,7 @@ def grpo_batch_std(
     if not config.norm_adv_by_std_in_grpo:
         return _broadcast(centered, mask)
     batch_std = scores.std() if len(scores) > 1 else torch.ones((), dtype=scores.dtype, device=scores.device)
-    return _broadcast(centered / (batch_std + EPS), mask)
+    return _broadcast(centered / (batch_std + config.norm_adv_epsilon), mask)
 
 
 @ADVANTAGE_ESTIMATORS.register("rloo")
@@ -160,7 +161,7 @@ def grpo_passk(
         top, top_index = torch.topk(members, 2)
         advantage = top[0] - top[1]
         if config.norm_adv_by_std_in_grpo:
-            advantage = advantage / (members.std() + EPS)
+            advantage = advantage / (members.std() + config.norm_adv_epsilon)
         per_sample[rows[int(top_index[0])]] = advantage
     return _broadcast(per_sample, mask)
 
@@ -204,10 +205,11 @@ def gpg(
     """GPG (Chu et al. 2025): alpha * (score - group mean), alpha = N / #samples with nonzero score.
 
     alpha rescales the batch gradient so groups whose samples all score 0 (zero advantage) do not
-    dilute it. No std division (verl's f_norm = 1).
+    dilute it. No std division; verl's constant divisor f_norm is `config.gpg_f_norm` (default 1).
     """
     mask = check_shapes(token_rewards, response_mask)
     scores = token_rewards.sum(dim=-1)
     mean, _, _ = _group_stats(scores, group_rows(group_ids, len(scores), "gpg"))
     alpha = len(scores) / torch.count_nonzero(scores).clamp(min=1)
-    return _broadcast(alpha * (scores - mean), mask)
+    f_norm = config.gpg_f_norm if config is not None else 1.0
+    return _broadcast(alpha * (scores - mean) / f_norm, mask)

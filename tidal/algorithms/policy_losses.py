@@ -8,8 +8,8 @@ Every loss has one signature so the actor can pick it by name:
 `log_probs` [N, R] carry the gradient (current policy); `old_log_probs` are the behaviour/proximal
 policy's; `config` is an `ActorConfig` (clip_ratio_low/high, clip_ratio_c, loss_agg_mode and the
 per-loss parameters such as sapo_tau_pos; every parameter is a config field, none is hard-coded);
-`denominator` is the global count for `aggregate_loss` (a `GlobalCounts` is safest: GSPO, SAPO and
-GMPO always aggregate per sequence whatever `loss_agg_mode` says, as verl does);
+`denominator` is the global count for `aggregate_loss` (a `GlobalCounts` is safest: SAPO and GMPO
+always aggregate per sequence, as verl does, and the config refuses another `loss_agg_mode` for them);
 `is_weights` [N, R] are optional off-policy importance weights (see `off_policy.py`), treated as
 constants and multiplied into the per-token loss. Definitions follow verl's `core_algos`.
 Metrics are python floats: pg_clipfrac, pg_clipfrac_lower, ppo_kl (mean of old - new log-prob).
@@ -99,8 +99,9 @@ def gspo(
     """GSPO (Zheng et al. 2025, arXiv 2507.18071): clip a SEQUENCE-level ratio.
 
     s_i = exp(mean over the sequence of log ratio); each token uses sg[s_i] * pi / sg[pi] so the
-    value is s_i and the gradient flows through every token's log-prob. Always aggregated with
-    seq-mean-token-mean (verl). GSPO's clip ranges are tiny (e.g. 3e-4 / 4e-4): set them in config.
+    value is s_i and the gradient flows through every token's log-prob. Aggregated by
+    actor.loss_agg_mode, as in verl (the paper's own aggregation is seq-mean-token-mean: set it).
+    GSPO's clip ranges are tiny (e.g. 3e-4 / 4e-4): set them in config.
     `is_weights` weight each token's gradient, so pair it with sequence-level TIS weights.
     """
     log_ratio = log_probs - old_log_probs
@@ -113,7 +114,7 @@ def gspo(
         seq_ratio, 1 - config.clip_ratio_low, 1 + config.clip_ratio_high
     )
     pg_losses = torch.maximum(losses_unclipped, losses_clipped)
-    loss = aggregate_loss(weighted(pg_losses, is_weights), response_mask, "seq-mean-token-mean", denominator)
+    loss = aggregate_loss(weighted(pg_losses, is_weights), response_mask, config.loss_agg_mode, denominator)
     with torch.no_grad():
         metrics = metrics_of(
             pg_clipfrac=masked_mean(torch.gt(losses_clipped, losses_unclipped).float(), response_mask),

@@ -233,6 +233,13 @@ def _preference_params() -> dict[str, set[str]]:
     return {m.model_fields["type"].default: set(m.model_fields) - {"type"} for m in members}
 
 
+# Estimator options read by some estimators only: setting one for another estimator is a mistake.
+ESTIMATOR_ONLY_PARAMS = {
+    "norm_adv_epsilon": frozenset({"grpo", "grpo_batch_std", "grpo_passk"}),
+    "gpg_f_norm": frozenset({"gpg"}),
+}
+
+
 class AlgorithmConfig(StrictModel):
     """What the RL step computes; every name is a registry entry of tidal.algorithms (docs/algorithms.md)."""
 
@@ -240,6 +247,11 @@ class AlgorithmConfig(StrictModel):
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(1.0, ge=0, le=1)
     norm_adv_by_std_in_grpo: bool = Field(True, description="false: Dr. GRPO (no std division)")
+    norm_adv_epsilon: float = Field(
+        1e-6, gt=0, description="added to the std before dividing (grpo, grpo_batch_std, grpo_passk); verl "
+        "1e-6, TRL 1e-4"
+    )
+    gpg_f_norm: float = Field(1.0, gt=0, description="gpg: advantages are divided by this (verl's f_norm)")
     use_kl_in_reward: bool = False
     kl_penalty: str = Field("kl", description="name in KL_ESTIMATORS for the in-reward penalty")
     kl_ctrl: KLControlConfig = KLControlConfig()
@@ -281,6 +293,16 @@ class AlgorithmConfig(StrictModel):
                     f"algorithm.preference.type={owners[0]} or remove algorithm.preference.{key}"
                 )
         return data
+
+    @model_validator(mode="after")
+    def _estimator_options_match_the_estimator(self) -> AlgorithmConfig:
+        for field, readers in ESTIMATOR_ONLY_PARAMS.items():
+            if field in self.model_fields_set and self.advantage_estimator not in readers:
+                raise ValueError(
+                    f"algorithm.{field} is set but algorithm.advantage_estimator={self.advantage_estimator!r} "
+                    f"does not read it (only {', '.join(sorted(readers))}); remove algorithm.{field}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _one_source_of_reward_baselines(self) -> AlgorithmConfig:

@@ -177,6 +177,8 @@ class TrainRoleConfig(StrictModel):
     gradient_checkpointing: bool = False
 
 
+# Losses whose aggregation is part of their definition (verl's too): another loss_agg_mode is refused.
+FIXED_AGGREGATION = {"sapo": "seq-mean-token-mean", "geo_mean": "seq-mean-token-mean"}
 # Parameters that only one policy loss reads: setting them for another loss is a mistake.
 LOSS_ONLY_PARAMS = {
     "sapo": ("sapo_tau_pos", "sapo_tau_neg"),
@@ -219,6 +221,12 @@ class ActorConfig(TrainRoleConfig):
                     f"actor.{stray[0]} is set but actor.policy_loss={self.policy_loss!r} does not read it; "
                     f"set actor.policy_loss={loss} or remove actor.{stray[0]}"
                 )
+        fixed = FIXED_AGGREGATION.get(self.policy_loss)
+        if fixed and "loss_agg_mode" in self.model_fields_set and self.loss_agg_mode != fixed:
+            raise ValueError(
+                f"actor.loss_agg_mode={self.loss_agg_mode!r} but actor.policy_loss={self.policy_loss} always "
+                f"aggregates with {fixed} (its definition, as in verl); remove actor.loss_agg_mode"
+            )
         if self.clip_cov_lb >= self.clip_cov_ub:
             raise ValueError(
                 f"actor.clip_cov_lb={self.clip_cov_lb} must be below actor.clip_cov_ub={self.clip_cov_ub}"
