@@ -39,13 +39,18 @@ def _block(rows: int, cols: int, seed: int, dtype: torch.dtype = torch.float32, 
 
 @pytest.mark.parametrize("shape", [(5, 1), (7, 33), (3, 1500)])  # 1500 > one 1024-wide tile
 @pytest.mark.parametrize("with_entropy", [True, False])
-def test_block_stats_match_torch(triton_ops, shape, with_entropy):
+@pytest.mark.parametrize("with_squares", [True, False])
+def test_block_stats_match_torch(triton_ops, shape, with_entropy, with_squares):
     z, local, _ = _block(*shape, seed=shape[1])
     dummy = torch.empty(1, 1, device=DEVICE)
     ours = triton_ops.TritonBlockOps(dummy, *shape, 0.8, with_entropy)
     ref = TorchBlockOps(dummy, *shape, 0.8, with_entropy)
-    got = ours.stats(z.clone(), local, with_entropy)
-    want = ref.stats(z.clone() * 1.25, local, with_entropy)  # torch ops take pre-scaled logits
+    got = ours.stats(z.clone(), local, with_entropy, with_squares)
+    want = ref.stats(z.clone() * 1.25, local, with_entropy, with_squares)  # torch ops: pre-scaled logits
+    if with_squares:
+        torch.testing.assert_close(got[4], want[4], rtol=1e-5, atol=1e-5)
+    else:
+        assert got[4] is None
     in_block = (local >= 0) & (local < shape[1])
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
@@ -124,3 +129,17 @@ def test_compiled_kernels_on_gpu_match_reference(triton_ops, dtype):
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_sum_pi_squared_matches_reference(triton_ops, dtype):
+    """sum_v p(v)^2 from the Triton stats kernel, merged over several vocab blocks, with a mask."""
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(13, 8, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(150, 8, generator=gen) * 1.5).to(DEVICE, dtype)
+    t = torch.randint(0, 150, (13,), generator=gen).to(DEVICE)
+    mask = (torch.rand(13, generator=gen) < 0.7).to(DEVICE)
+    kw = {"mask": mask, "with_sum_pi_squared": True}
+    got = token_log_probs(h, w, t, 0.7, False, 4, vocab_chunk_size=40, backend="triton", **kw)
+    want = token_log_probs_reference(h, w, t, 0.7, False, **kw)
+    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-6)

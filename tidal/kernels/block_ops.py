@@ -3,8 +3,9 @@
 `chunked.py` walks the (vocab block, token chunk) grid and does the matmuls; per block it needs
 
 - forward, `stats`: the block's row max m, sum s = sum exp(z - m), q = sum exp(z - m) * (z - m)
-  (for the entropy) and the target's logit where the target falls in the block. Blocks of one
-  row are merged with the usual online-softmax rescaling;
+  (for the entropy), optionally r = sum exp(2 (z - m)) (for sum_v p_v^2 = r / s^2, which the
+  optimal-token-baseline estimators read) and the target's logit where the target falls in the
+  block. Blocks of one row are merged with the usual online-softmax rescaling;
 - backward, `grad`: dL/d(raw logits) of the block from the saved per-token row max m and
   log s (the log-normaliser is lse = m + log s) and three per-token coefficients a, b, c (see
   `chunked.py`): G = p * ((z - lse) * a + b) + c * onehot(target), p = exp(z - lse), with
@@ -50,18 +51,20 @@ class TorchBlockOps:
         return z.copy_(raw).mul_(self.inv_temp)
 
     def stats(
-        self, z: torch.Tensor, local: torch.Tensor, with_entropy: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(m, s, q or None, target logit) per row; `z` is consumed. `local` = target - block start."""
+        self, z: torch.Tensor, local: torch.Tensor, with_entropy: bool, with_squares: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(m, s, q or None, target logit, r or None) per row; `z` is consumed. `local` = target -
+        block start; r = sum exp(2 (z - m)) when `with_squares`."""
         v = z.shape[1]
         target = z.gather(1, local.clamp(0, v - 1).unsqueeze(1)).squeeze(1)
         m = z.amax(dim=1)
         u = z.sub_(m.unsqueeze(1))
         if not with_entropy:
-            return m, u.exp_().sum(dim=1), None, target
+            e = u.exp_()
+            return m, e.sum(dim=1), None, target, (_row_dot(e, e) if with_squares else None)
         p = torch.exp(u, out=self._view(self._p, *z.shape))
-        q = torch.bmm(p.unsqueeze(1), u.unsqueeze(2)).view(-1)  # row dots without a [n, v] product
-        return m, p.sum(dim=1), q, target
+        q = _row_dot(p, u)
+        return m, p.sum(dim=1), q, target, (_row_dot(p, p) if with_squares else None)
 
     def grad(
         self,
@@ -86,3 +89,8 @@ class TorchBlockOps:
         if self._raw is None:
             return g
         return self._view(self._raw, *g.shape).copy_(g)
+
+
+def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """sum_j x[i, j] * y[i, j] per row, without an [n, v] product temporary."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)

@@ -1,10 +1,12 @@
 """Log-probs and entropies over a grid of [token chunk x vocab block] logits, forward and backward.
 
 With z = hidden @ weight.T / temperature, p = softmax(z), lse = logsumexp(z), for each token:
-    log_prob = z[target] - lse,  entropy = lse - sum(p * z).
+    log_prob = z[target] - lse,  entropy = lse - sum(p * z),  sum_pi_squared = sum(p^2).
 Forward walks vocab blocks (outer) and token chunks (inner), merging each block's row statistics
 with the online-softmax rescaling, and keeps only the row max m, log s (lse = m + log s) and the
-entropy per token ([T] float32 each).
+entropy per token ([T] float32 each). sum(p^2) = sum exp(2 (z - m)) / s^2 is merged the same way
+(its terms rescale by exp(2 (m - m'))); it is a statistic of the sampling policy for the
+advantage estimators, so it is an output without a gradient.
 
 Backward recomputes each block's logits instead of keeping them. For upstream gradients g_lp and
 g_ent (per token), the gradient with respect to the raw logits (hidden @ weight.T) is
@@ -36,8 +38,8 @@ class BlockOps(Protocol):
     def logits(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
 
     def stats(
-        self, z: torch.Tensor, local: torch.Tensor, with_entropy: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]: ...
+        self, z: torch.Tensor, local: torch.Tensor, with_entropy: bool, with_squares: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]: ...
 
     def grad(
         self,
@@ -55,21 +57,24 @@ class BlockOps(Protocol):
 MakeOps = Callable[[torch.Tensor, int, int, float, bool], BlockOps]
 
 
-def _merge(
-    acc: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-    block: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-) -> None:
-    """Fold a block's (m, s, q) into the running (m, s, q) of the same rows, in place.
+Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
-    Re-referencing sum exp(z - m) * (z - m) from m to m' gives exp(m - m') * (q + (m - m') * s).
+
+def _merge(acc: Stats, block: Stats) -> None:
+    """Fold a block's (m, s, q, r) into the running (m, s, q, r) of the same rows, in place.
+
+    Re-referencing sum exp(z - m) * (z - m) from m to m' gives exp(m - m') * (q + (m - m') * s);
+    r = sum exp(2 (z - m)) picks up exp(m - m') squared.
     """
-    m, s, q = acc
-    bm, bs, bq = block
+    m, s, q, r = acc
+    bm, bs, bq, br = block
     new_m = torch.maximum(m, bm)
     dm, dbm = m - new_m, bm - new_m
     ra, rb = dm.exp(), dbm.exp()
     if q is not None:
         q.copy_(ra * (q + dm * s) + rb * (bq + dbm * bs))
+    if r is not None:
+        r.copy_(ra.square() * r + rb.square() * br)
     s.copy_(ra * s + rb * bs)
     m.copy_(new_m)
 
@@ -82,32 +87,38 @@ def _forward(
     with_entropy: bool,
     token_chunk: int,
     vocab_chunk: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(log_probs, row max m, log s, entropy or None), all float32 [T]; lse = m + log s."""
+    with_squares: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """(log_probs, row max m, log s, entropy or None, sum p^2 or None), all float32 [T];
+    lse = m + log s."""
     num_tokens, vocab = hidden.shape[0], weight.shape[0]
     f32 = {"dtype": torch.float32, "device": hidden.device}
     m, s, target_logit = (torch.empty(num_tokens, **f32) for _ in range(3))
     q = torch.empty(num_tokens, **f32) if with_entropy else None
+    r = torch.empty(num_tokens, **f32) if with_squares else None
     for v0 in range(0, vocab, vocab_chunk):
         w = weight[v0 : v0 + vocab_chunk]
         for t0 in range(0, num_tokens, token_chunk):
             rows = slice(t0, t0 + token_chunk)
             local = targets[rows] - v0
-            bm, bs, bq, bt = ops.stats(ops.logits(hidden[rows], w), local, with_entropy)
-            running = (m[rows], s[rows], q[rows] if q is not None else None)
+            z = ops.logits(hidden[rows], w)
+            bm, bs, bq, bt, br = ops.stats(z, local, with_entropy, with_squares)
+            running = tuple(x[rows] if x is not None else None for x in (m, s, q, r))
             if v0 == 0:  # the first block initialises every row (no -inf rescaling)
-                for dst, src in zip(running, (bm, bs, bq), strict=True):
+                for dst, src in zip(running, (bm, bs, bq, br), strict=True):
                     if dst is not None:
                         dst.copy_(src)
             else:
-                _merge(running, (bm, bs, bq))
+                _merge(running, (bm, bs, bq, br))
             in_block = (local >= 0) & (local < w.shape[0])
             target_logit[rows] = torch.where(in_block, bt, target_logit[rows])
     log_s = s.log()
     entropy = log_s - q / s if q is not None else None
+    # r / s^2 in (0, 1]: both are sums relative to the row max, so neither over- nor underflows
+    sum_squares = r / s.square() if r is not None else None
     # (z_target - m) - log s, not z_target - (m + log s): m + log s would round log s to the
     # precision of m (float32 logits in the hundreds keep ~1e-5 of it)
-    return (target_logit - m) - log_s, m, log_s, entropy
+    return (target_logit - m) - log_s, m, log_s, entropy, sum_squares
 
 
 def _accumulate(acc: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -169,25 +180,28 @@ class ChunkedLogProbs(torch.autograd.Function):
         token_chunk: int,
         vocab_chunk: int,
         make_ops: MakeOps,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with_squares: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         rows, cols = min(token_chunk, hidden.shape[0]), min(vocab_chunk, weight.shape[0])
         ops = make_ops(hidden, rows, cols, temperature, with_entropy)
-        log_probs, row_max, log_sum, entropy = _forward(
-            ops, hidden, weight, targets, with_entropy, token_chunk, vocab_chunk
+        log_probs, row_max, log_sum, entropy, sum_squares = _forward(
+            ops, hidden, weight, targets, with_entropy, token_chunk, vocab_chunk, with_squares
         )
         ctx.save_for_backward(hidden, weight, targets, row_max, log_sum, entropy)
         ctx.config = (temperature, token_chunk, vocab_chunk, make_ops)
         ctx.set_materialize_grads(False)  # None upstream gradients let backward skip work
-        return log_probs, entropy
+        if sum_squares is not None:
+            ctx.mark_non_differentiable(sum_squares)  # a statistic of the policy, not a loss term
+        return log_probs, entropy, sum_squares
 
     @staticmethod
     def backward(
-        ctx: Any, grad_lp: torch.Tensor | None, grad_ent: torch.Tensor | None
+        ctx: Any, grad_lp: torch.Tensor | None, grad_ent: torch.Tensor | None, _grad_sq: None = None
     ) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, targets, row_max, log_sum, entropy = ctx.saved_tensors
         temperature, token_chunk, vocab_chunk, make_ops = ctx.config
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        none = (None,) * 6
+        none = (None,) * 7
         if (grad_lp is None and grad_ent is None) or not any(needs):
             return None, None, *none
         inv_temp = 1.0 / temperature

@@ -10,6 +10,9 @@ Two implementations of the per-block elementwise work share that loop:
 - "triton" (triton_ops.py): one fused pass per block. The default on CUDA when Triton is
   installed; on CPU it runs only under Triton's interpreter (TRITON_INTERPRET=1), for tests.
 `token_log_probs_reference` (reference.py) is the plain full-logits version the tests compare with.
+
+`with_sum_pi_squared=True` adds a third output, sum_v p(v)^2 per token (no gradient), which the
+optimal-token-baseline advantage estimators need; it costs one more row sum per block.
 """
 
 from __future__ import annotations
@@ -79,14 +82,17 @@ def token_log_probs(
     vocab_chunk_size: int | None = None,
     mask: torch.Tensor | None = None,
     backend: Backend = "auto",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    with_sum_pi_squared: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """log p(targets) [T] float32 (and entropy [T] float32) of softmax(hidden @ weight.T / temperature).
 
     hidden [T, H] and weight [V, H] (the lm_head, or the tied input embedding) share a dtype;
     targets [T] are token ids in [0, V). `chunk_size` tokens x `vocab_chunk_size` vocabulary
     entries is the largest block of logits that exists at once (defaults per device in
     DEFAULT_CHUNKS). Tokens where `mask` is False are skipped: log-prob and entropy 0, no gradient.
-    Differentiable with respect to hidden and weight.
+    Differentiable with respect to hidden and weight. With `with_sum_pi_squared` the result is
+    (log_probs, entropy, sum_pi_squared [T] float32, 0 where masked, no gradient); without it the
+    pair (log_probs, entropy) as before.
     """
     check_inputs(hidden, weight, targets, temperature, mask)
     for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
@@ -94,7 +100,7 @@ def token_log_probs(
             raise ValueError(f"{name} must be >= 1 (or None for the default), got {value}")
     if mask is not None:
         index = mask.nonzero().squeeze(1)
-        log_probs, entropy = token_log_probs(
+        kept = token_log_probs(
             hidden.index_select(0, index),
             weight,
             targets.index_select(0, index),
@@ -103,11 +109,10 @@ def token_log_probs(
             chunk_size,
             vocab_chunk_size=vocab_chunk_size,
             backend=backend,
+            with_sum_pi_squared=with_sum_pi_squared,
         )
-        zeros = log_probs.new_zeros(targets.shape[0])
-        return zeros.index_put((index,), log_probs), (
-            zeros.index_put((index,), entropy) if entropy is not None else None
-        )
+        zeros = kept[0].new_zeros(targets.shape[0])
+        return tuple(zeros.index_put((index,), x) if x is not None else None for x in kept)
     if targets.numel():
         low, high = torch.aminmax(targets)
         if low < 0 or high >= weight.shape[0]:
@@ -116,7 +121,7 @@ def token_log_probs(
             )
     name = resolve_backend(backend, hidden.device)
     default_tokens, default_vocab = DEFAULT_CHUNKS["cuda" if hidden.device.type == "cuda" else "cpu"]
-    return ChunkedLogProbs.apply(
+    log_probs, entropy, sum_squares = ChunkedLogProbs.apply(
         hidden,
         weight,
         targets.long(),
@@ -125,4 +130,6 @@ def token_log_probs(
         chunk_size or default_tokens,
         vocab_chunk_size or default_vocab,
         _make_ops(name),
+        with_sum_pi_squared,
     )
+    return (log_probs, entropy, sum_squares) if with_sum_pi_squared else (log_probs, entropy)

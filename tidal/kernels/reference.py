@@ -57,8 +57,9 @@ def token_log_probs_reference(
     chunk_size: int | None = None,
     *,
     mask: torch.Tensor | None = None,
+    with_sum_pi_squared: bool = False,
     **_ignored: object,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, ...]:
     """Same contract as `token_log_probs`, with the full [T, V] logits (chunk options are ignored)."""
     del chunk_size
     check_inputs(hidden, weight, targets, temperature, mask)
@@ -66,7 +67,9 @@ def token_log_probs_reference(
     log_probs = torch.log_softmax(logits, dim=-1)
     out = log_probs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else None
+    squares = log_probs.detach().exp().square().sum(-1) if with_sum_pi_squared else None
     if mask is not None:
         out = torch.where(mask, out, 0.0)
         entropy = torch.where(mask, entropy, 0.0) if entropy is not None else None
-    return out, entropy
+        squares = torch.where(mask, squares, 0.0) if squares is not None else None
+    return (out, entropy, squares) if with_sum_pi_squared else (out, entropy)

@@ -3,7 +3,8 @@
 Same contract as `TorchBlockOps` (block_ops.py); chunked.py does the matmuls with torch (cuBLAS)
 and calls these on each [n, v] block of raw logits, which stay in the inputs' dtype:
 - `_stats_kernel`: one program per row reads the row once and keeps an online softmax per lane
-  (running max m, sum s of exp(z - m), q = sum exp(z - m) * (z - m)), then folds the lanes;
+  (running max m, sum s of exp(z - m), q = sum exp(z - m) * (z - m), and with WITH_SQUARES
+  r = sum exp(2 (z - m)) for sum p^2), then folds the lanes;
 - `_grad_kernel`: one program per row overwrites the raw logits with
   G = p * ((z - lse) * a + b) + c * onehot(target), p = exp(z - lse), in the same buffer
   (z - lse as (z - m) - log s, see block_ops.py).
@@ -30,10 +31,12 @@ def _stats_kernel(
     s_ptr,
     q_ptr,
     target_ptr,
+    r_ptr,
     num_cols,
     row_stride,
     inv_temp,
     WITH_ENTROPY: tl.constexpr,
+    WITH_SQUARES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -44,6 +47,7 @@ def _stats_kernel(
     m = tl.full([BLOCK], -1e30, tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
     q = tl.zeros([BLOCK], tl.float32)
+    r = tl.zeros([BLOCK], tl.float32)
     for start in range(0, num_cols, BLOCK):
         cols = start + offs
         valid = cols < num_cols
@@ -55,6 +59,8 @@ def _stats_kernel(
         p = tl.where(valid, tl.exp(u), 0.0)
         if WITH_ENTROPY:
             q = scale * (q + dm * s) + p * u
+        if WITH_SQUARES:
+            r = scale * scale * r + p * p
         s = scale * s + p
         m = new_m
     row_max = tl.max(m, axis=0)
@@ -64,6 +70,8 @@ def _stats_kernel(
     tl.store(s_ptr + row, tl.sum(scale * s, axis=0))
     if WITH_ENTROPY:
         tl.store(q_ptr + row, tl.sum(scale * (q + d * s), axis=0))
+    if WITH_SQUARES:
+        tl.store(r_ptr + row, tl.sum(scale * scale * r, axis=0))
     target = tl.load(local_ptr + row)
     in_block = (target >= 0) & (target < num_cols)
     value = tl.load(base + tl.where(in_block, target, 0)).to(tl.float32) * inv_temp
@@ -131,16 +139,16 @@ class TritonBlockOps:
         return torch.mm(h, w.t(), out=self._raw[: n * v].view(n, v))
 
     def stats(
-        self, z: torch.Tensor, local: torch.Tensor, with_entropy: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        self, z: torch.Tensor, local: torch.Tensor, with_entropy: bool, with_squares: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         n, v = z.shape
-        m, s, q, target = torch.empty(4, n, dtype=torch.float32, device=z.device)
+        m, s, q, target, r = torch.empty(5, n, dtype=torch.float32, device=z.device)
         block, warps = _launch_shape(v, self.interpret)
         _stats_kernel[(n,)](
-            z, local.contiguous(), m, s, q, target, v, z.stride(0), self.inv_temp,
-            WITH_ENTROPY=with_entropy, BLOCK=block, num_warps=warps,
+            z, local.contiguous(), m, s, q, target, r, v, z.stride(0), self.inv_temp,
+            WITH_ENTROPY=with_entropy, WITH_SQUARES=with_squares, BLOCK=block, num_warps=warps,
         )  # fmt: skip
-        return m, s, (q if with_entropy else None), target
+        return m, s, (q if with_entropy else None), target, (r if with_squares else None)
 
     def grad(
         self,
