@@ -185,6 +185,17 @@ def test_validation_sampling_keeps_what_the_user_set(capsys, tmp_path, job):
     assert code == 0 and val == {"temperature": 0.5, "top_p": 0.9, "top_k": -1, "max_new_tokens": 9, "n": 1}
 
 
+def test_an_output_dir_holding_a_run_is_refused_unless_told(capsys, tmp_path, job):
+    out = Path(job["trainer"]["output_dir"])
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0}\n')
+    path = dump(tmp_path, job)
+    code, _, err = check(capsys, path)
+    assert code == 2 and "trainer.output_dir" in err and "trainer.overwrite=true" in err
+    assert check(capsys, path, "trainer.overwrite=true")[0] == 0
+    assert (out / "metrics.jsonl").exists()  # check only reads
+
+
 def test_reward_task_share_matches_the_scorer():
     from tidal.workers.rewards.scorer import TASK_NUM_CPUS
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tidal.checkpoint.run_dir import check_output_dir, prepare_output_dir
+from tidal.checkpoint.run_dir import prepare_output_dir
 from tidal.config.schema import JobConfig
 from tidal.controller.job import Job
+from tidal.controller.preflight import preflight
 from tidal.controller.programs.grpo import run_grpo
 from tidal.controller.programs.ppo import run_ppo
 from tidal.controller.programs.preference import run_preference
@@ -16,9 +17,10 @@ from tidal.controller.programs.preference import run_preference
 def train(cfg: JobConfig) -> dict[str, Any]:
     """Train to trainer.total_steps; return the final metrics, the data report and the plot path.
 
-    Raises ValueError before any process starts when trainer.output_dir holds a run this config may
-    not start over or resume (see tidal/checkpoint/run_dir.py)."""
-    check_output_dir(cfg)
+    Raises ConfigError before any process starts when the pre-flight checks fail (paths, tokenizer,
+    machine) or trainer.output_dir holds a run this config may not start over or resume (see
+    tidal/controller/preflight.py and tidal/checkpoint/run_dir.py)."""
+    preflight(cfg)
     run_id = prepare_output_dir(cfg)
     _show_info_logs()
     job = Job.start(cfg, run_id)
