@@ -60,6 +60,7 @@ def test_registry_rejects_duplicates_and_lists_known_names():
 def test_all_estimators_registered():
     expected = {"gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"}
     expected |= {"grpo_passk", "remax", "opo", "gpg", "grpo_batch_std"}
+    expected |= {"gdpo", "optimal_token_baseline", "tir_optimal_token_baseline"}
     assert set(ADVANTAGE_ESTIMATORS.names()) == expected
 
 

@@ -40,6 +40,8 @@ SECTIONS: dict[str, list[dict[str, Any]]] = {
     "token_selection": [{"type": "high_entropy", "top_ratio": 0.3}, {"type": "d3s", "keep_ratio_start": 0.5}],
     "off_policy": [{"type": "tis", "level": "sequence"}, {"type": "mis"}, {"type": "decoupled", "cap": 4.0}],
 }
+# Estimators that need another algorithm section to be valid (gdpo: the reward components).
+ESTIMATOR_NEEDS = {"gdpo": {"reward_combination": SECTIONS["reward_combination"][0]}}
 # Slot -> (registry, attribute of ConfiguredPlugins holding the bound function)
 SLOTS = {
     "reward_combination": ("REWARD_COMBINERS", "reward_combiner"),
@@ -96,7 +98,8 @@ def test_plugin_examples_cover_every_type_each_slot_accepts():
 def test_every_registered_name_is_reachable_from_config():
     reached = reached_by_plugin_sections()
     for name in algorithms.ADVANTAGE_ESTIMATORS.names():
-        assert cfg_with(f"algorithm.advantage_estimator={name}").algorithm.advantage_estimator == name
+        section = {"advantage_estimator": name, **ESTIMATOR_NEEDS.get(name, {})}
+        assert cfg_with(algorithm=section).algorithm.advantage_estimator == name
         reached.add(("ADVANTAGE_ESTIMATORS", name))
     for name in algorithms.POLICY_LOSSES.names():
         assert cfg_with(f"actor.policy_loss={name}").actor.policy_loss == name

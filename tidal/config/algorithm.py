@@ -240,6 +240,10 @@ ESTIMATOR_ONLY_PARAMS = {
 }
 
 
+# Estimators that read sum_v pi(v)^2 per token from the trainer's log-prob pass (optimal token baseline).
+SUM_PI_SQUARED_ESTIMATORS = frozenset({"optimal_token_baseline", "tir_optimal_token_baseline"})
+
+
 class AlgorithmConfig(StrictModel):
     """What the RL step computes; every name is a registry entry of tidal.algorithms (docs/algorithms.md)."""
 
@@ -322,6 +326,41 @@ class AlgorithmConfig(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _gdpo_has_its_components(self) -> AlgorithmConfig:
+        """GDPO normalises each reward component on its own, so it needs the components (a weighted
+        sum combination gives them and their weights) and would silently skip reward changes made
+        after the combination (shaping, KL in the reward): those are refused instead."""
+        if self.advantage_estimator != "gdpo":
+            return self
+        combination = self.reward_combination
+        if combination is None or combination.type != "weighted_sum":
+            got = "not set" if combination is None else f"type={combination.type}"
+            raise ValueError(
+                f"algorithm.advantage_estimator=gdpo normalises each reward component separately, but "
+                f"algorithm.reward_combination is {got}; set algorithm.reward_combination="
+                "{type: weighted_sum, components: [...], weights: [...]} (the weights combine the "
+                "normalised components)"
+            )
+        stray = "algorithm.reward_shaping" if self.reward_shaping else None
+        stray = "algorithm.use_kl_in_reward" if self.use_kl_in_reward else stray
+        if stray:
+            raise ValueError(
+                f"{stray} changes the combined reward, but algorithm.advantage_estimator=gdpo reads the "
+                f"raw reward components and would ignore it; remove {stray} or use another estimator"
+            )
+        return self
+
+    @property
+    def needs_sum_pi_squared(self) -> bool:
+        """The optimal-token-baseline estimators need sum_pi_squared next to the old log-probs."""
+        return self.advantage_estimator in SUM_PI_SQUARED_ESTIMATORS
+
+    @property
+    def keeps_reward_components(self) -> bool:
+        """GDPO reads each reward component: the reward stage keeps them as `reward_components`."""
+        return self.advantage_estimator == "gdpo"
+
     @property
     def par_baseline(self) -> Literal["greedy", "data"] | None:
         """The `baseline` of the par shaping sections (they agree), None without one."""
@@ -335,5 +374,6 @@ class AlgorithmConfig(StrictModel):
 
     @property
     def needs_trainer_log_probs(self) -> bool:
-        """Token selection reads the trainer's entropy; off-policy corrections its log-probs."""
-        return self.token_selection is not None or self.off_policy is not None
+        """Token selection reads the trainer's entropy; off-policy corrections its log-probs; the
+        optimal token baselines its log-probs and sum_pi_squared."""
+        return self.token_selection is not None or self.off_policy is not None or self.needs_sum_pi_squared

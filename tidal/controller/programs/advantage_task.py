@@ -12,11 +12,14 @@ tokens across the whole step, so this runs over the full step rather than per da
    the columns `pg_mask` (tokens that carry the policy gradient) and `is_weights`.
 
 Every piece comes from a registry (`configured_plugins`) and is offered every optional input the
-step has (`call_accepting`): values, reward baselines, entropy. A new estimator or plug-in never
-changes this file.
+step has (`call_accepting`): values, reward baselines, entropy, old log-probs, sum_pi_squared,
+reward components, and the off-policy weights as `rollout_is_weights`. A new estimator or plug-in
+never changes this file.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -32,8 +35,16 @@ from tidal.algorithms.plugins import ConfiguredPlugins, configured_plugins
 from tidal.config.schema import JobConfig
 from tidal.dataflow.batch import Batch
 
-# Batch columns an estimator or plug-in may ask for by name (the batch has them when a stage ran).
-OPTIONAL_INPUTS = ("values", "reward_baselines", "entropy")
+# Batch columns an estimator or plug-in may ask for by name (the batch has them when a stage ran):
+# old_log_probs and sum_pi_squared feed the optimal token baselines, reward_components GDPO.
+OPTIONAL_INPUTS = (
+    "values",
+    "reward_baselines",
+    "entropy",
+    "old_log_probs",
+    "sum_pi_squared",
+    "reward_components",
+)
 
 
 def compute_advantages(
@@ -60,7 +71,10 @@ def compute_advantages(
         metrics["kl/in_reward"] = kl_metrics["reward_kl_penalty"]
         metrics["kl/coef"] = kl_metrics["reward_kl_penalty_coeff"]
     estimator = ADVANTAGE_ESTIMATORS.get(alg.advantage_estimator)
-    adv, returns = call_accepting(estimator, rewards, mask, group_ids=uids, config=alg, **inputs)
+    adv_inputs = inputs
+    if "rollout_is_weights" in inspect.signature(estimator).parameters:
+        adv_inputs = inputs | rollout_is_weights(batch, mask, plugins)
+    adv, returns = call_accepting(estimator, rewards, mask, group_ids=uids, config=alg, **adv_inputs)
     keep = None
     if plugins.sample_selector is not None:
         per_sample = masked_mean(adv, mask, dim=-1)
@@ -96,6 +110,20 @@ def shape_rewards(
         metrics |= shaper_metrics
     metrics["reward/shaped_mean"] = float(shaped.mean()) if len(shaped) else 0.0
     return add_at_last_token(rewards, shaped - original, mask), metrics
+
+
+def rollout_is_weights(
+    batch: Batch, mask: torch.Tensor, plugins: ConfiguredPlugins
+) -> dict[str, torch.Tensor]:
+    """The off-policy correction's weights as `rollout_is_weights`, for estimators that read them
+    (the optimal token baselines scale their variance weights by them, as verl does). Computed
+    over every valid token, before sample selection; the update's `is_weights` come later."""
+    if plugins.off_policy_correction is None:
+        return {}
+    weights, _, _ = plugins.off_policy_correction(
+        batch["old_log_probs"].float(), batch["rollout_log_probs"].float(), mask
+    )
+    return {"rollout_is_weights": weights}
 
 
 def policy_gradient_masks(

@@ -27,6 +27,8 @@ def combine_rewards(
 
     `batch` holds response_mask; component k holds seq_reward and reward_error of the k-th
     reward function. A sample's reward_error is the first component error, prefixed by its name.
+    With gdpo, which normalises each component on its own, the [N, K] scores are kept as the column
+    `reward_components` (in the order of `components`).
     """
     names = cfg.algorithm.reward_combination.components
     scored = [c.fetch() if isinstance(c, DistributedBatch) else c for c in components]
@@ -37,11 +39,13 @@ def combine_rewards(
         for i, error in enumerate(part["reward_error"]):
             if error is not None and errors[i] is None:
                 errors[i] = f"{name}: {error}"
-    out = Batch.from_dict(
-        {"seq_reward": reward, "token_rewards": token_rewards_at_last_token(reward, batch["response_mask"])},
-        {"reward_error": errors},
-    )
-    return out, metrics
+    columns = {
+        "seq_reward": reward,
+        "token_rewards": token_rewards_at_last_token(reward, batch["response_mask"]),
+    }
+    if cfg.algorithm.keeps_reward_components:
+        columns["reward_components"] = stacked
+    return Batch.from_dict(columns, {"reward_error": errors}), metrics
 
 
 def filter_groups(batch: Batch, cfg: JobConfig) -> tuple[Batch, list[bool], list[str]]:

@@ -85,15 +85,20 @@ class ActorRole:
 
     @endpoint(Dispatch.DP_SPLIT)
     def compute_log_probs(self, batch: Batch) -> Batch:
-        """old_log_probs and entropy [n, R] of the response tokens under the current policy."""
+        """old_log_probs and entropy [n, R] of the response tokens under the current policy, and
+        sum_pi_squared [n, R] (sum_v pi(v)^2) when the advantage estimator reads it (OTB)."""
         columns = columns_of(batch, SEQUENCE_COLUMNS, "actor.compute_log_probs")
-        log_probs, entropy = self.engine.infer(
+        squares = self.cfg.algorithm.needs_sum_pi_squared
+        extra = {"with_sum_pi_squared": True} if squares else {}  # PolicyModel then returns 3 outputs
+        log_probs, entropy, *rest = self.engine.infer(
             columns,
             self.cfg.actor.micro_batch_size_per_rank,
             temperature=self.temperature,
             with_entropy=True,
+            **extra,
         )
-        return Batch.from_dict({"old_log_probs": log_probs, "entropy": entropy})
+        out = {"old_log_probs": log_probs, "entropy": entropy}
+        return Batch.from_dict(out | ({"sum_pi_squared": rest[0]} if squares else {}))
 
     @endpoint(Dispatch.DP_SPLIT, collect=Collect.FIRST)
     def update(self, batch: Batch, step: int = 0) -> dict[str, float]:

@@ -151,12 +151,15 @@ class PolicyModel(nn.Module):
         self.lm = lm
 
     def forward(
-        self, batch: SequenceBatch, temperature: float, with_entropy: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, batch: SequenceBatch, temperature: float, with_entropy: bool, with_sum_pi_squared: bool = False
+    ) -> tuple[torch.Tensor | None, ...]:
+        """(log_probs, entropy or None[, sum_pi_squared when asked]) per predicted token."""
         out = self.lm.base_model(**batch.model_inputs())
         hidden = batch.at_predictions(out.last_hidden_state)
         weight = self.lm.get_output_embeddings().weight
-        return token_log_probs(hidden, weight, batch.targets, temperature, with_entropy)
+        return token_log_probs(
+            hidden, weight, batch.targets, temperature, with_entropy, with_sum_pi_squared=with_sum_pi_squared
+        )
 
 
 class FSDPEngine:
