@@ -22,6 +22,7 @@ def call(name: str, log_probs, old_log_probs, advantages, mask, config=CFG, **kw
 
 def test_all_losses_registered():
     expected = {"vanilla", "gspo", "sapo", "cispo", "geo_mean", "gpg", "reinforce", "clip_cov", "kl_cov"}
+    expected |= {"dppo_tv", "dppo_kl", "dro", "vespo", "luspo", "rloo"}  # dppo_losses.py, trl_losses.py
     assert set(POLICY_LOSSES.names()) == expected
 
 

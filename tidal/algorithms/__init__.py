@@ -23,9 +23,11 @@ Imports only torch (config types for hints only). Importing this package registe
 """
 
 from tidal.algorithms import cov_losses as _cov_losses  # noqa: F401  (registers names)
+from tidal.algorithms import dppo_losses as _dppo_losses  # noqa: F401  (registers names)
 from tidal.algorithms import gdpo as _gdpo  # noqa: F401  (registers names)
 from tidal.algorithms import group_advantages as _group_advantages  # noqa: F401  (registers names)
 from tidal.algorithms import token_baselines as _token_baselines  # noqa: F401  (registers names)
+from tidal.algorithms import trl_losses as _trl_losses  # noqa: F401  (registers names)
 from tidal.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from tidal.algorithms.aggregation import (
     LOSS_AGG_ALIASES,

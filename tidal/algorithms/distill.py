@@ -40,6 +40,7 @@ def kdrl_kl_loss(
     denominator: Denominator = None,
     seq_reward: torch.Tensor | None = None,
     correct_threshold: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The reverse-KL term (before beta) and metrics; add `beta * kl_loss` to the policy loss.
 
@@ -47,7 +48,9 @@ def kdrl_kl_loss(
     With `correct_threshold` set (needs `seq_reward` [N]), rows with seq_reward >= threshold
     contribute zero; they still count in the denominator, so beta keeps its per-token meaning
     whether or not a row is masked. `denominator`: the global counts of `response_mask`, as for
-    the policy loss. Metrics: kdrl/kl (mean KL over all valid tokens), kdrl/masked_fraction.
+    the policy loss. `weights` [N, R] multiply each token's KL, gradient kept (TRL's bias-corrected
+    KL passes the ratio pi / pi_old). Metrics: kdrl/kl (mean unweighted KL over all valid tokens),
+    kdrl/masked_fraction.
     """
     if log_probs.shape != teacher_log_probs.shape or log_probs.shape != response_mask.shape:
         raise ValueError(
@@ -60,7 +63,8 @@ def kdrl_kl_loss(
         if seq_reward is None:
             raise ValueError("kdrl reward-guided masking (correct_threshold set) needs seq_reward [N]")
         kd_rows = (seq_reward < correct_threshold).to(log_probs.dtype)
-    kl_loss = aggregate_loss(kl * kd_rows.unsqueeze(-1), response_mask, loss_agg_mode, denominator)
+    weighted_kl = kl if weights is None else kl * weights
+    kl_loss = aggregate_loss(weighted_kl * kd_rows.unsqueeze(-1), response_mask, loss_agg_mode, denominator)
     with torch.no_grad():
         metrics = {
             "kdrl/kl": float(masked_mean(kl, response_mask)),

@@ -20,6 +20,8 @@ from tidal.algorithms.masked import masked_whiten
 if TYPE_CHECKING:
     from tidal.config.schema import AlgorithmConfig
 
+TRL_RLOO_NORM_EPS = 1e-4  # TRL RLOO's constant in normalize_advantages (part of that definition)
+
 
 def _group_stats(scores: torch.Tensor, groups: list[list[int]]) -> tuple[torch.Tensor, ...]:
     """Per-row group mean, unbiased group std and group size (singletons: mean 0, std 1)."""
@@ -106,11 +108,23 @@ def rloo(
 
     Written as n/(n-1) * (score - group mean), which is the same quantity (verl's form). A sample
     alone in its group keeps its raw score.
+
+    `config.rloo_normalize_advantages` (TRL's RLOO `normalize_advantages`) then standardises them
+    over the whole batch: (A - mean) / (std + 1e-4), std with Bessel's correction, TRL's epsilon. As
+    in TRL, where a sample without a baseline (alone in its group) gets advantage 0 and is left out
+    of the batch statistics; fewer than two samples with a baseline give all zeros (TRL's NaN -> 0).
     """
     mask = check_shapes(token_rewards, response_mask)
     scores = token_rewards.sum(dim=-1)
     mean, _, size = _group_stats(scores, group_rows(group_ids, len(scores), "rloo"))
     loo = scores * size / (size - 1) - mean * size / (size - 1)
+    if config is not None and config.rloo_normalize_advantages:
+        has_baseline = size > 1
+        normalised = torch.zeros_like(scores)
+        if int(has_baseline.sum()) >= 2:
+            kept = loo[has_baseline]
+            normalised[has_baseline] = (kept - kept.mean()) / (kept.std() + TRL_RLOO_NORM_EPS)
+        return _broadcast(normalised, mask)
     return _broadcast(torch.where(size > 1, loo, scores), mask)
 
 

@@ -2,6 +2,8 @@
 
     loss = pg_loss(on pg_mask, weighted by is_weights) - entropy_coeff * H + kl_coef * KL(pi || ref)
 
+(with `actor.use_bias_correction_kl`, TRL's, each token's KL is multiplied by pi / pi_old first)
+
 A pure function of tensors and the actor config, so the worker only runs it and tests check it
 without processes. The policy loss and the KL estimator are picked by name from the registries
 (`actor.policy_loss`, `actor.kl_loss_type`); a new loss never touches this file or a worker.
@@ -24,6 +26,7 @@ from tidal.algorithms.aggregation import GlobalCounts, aggregate_loss
 from tidal.algorithms.distill import kdrl_beta, kdrl_kl_loss
 from tidal.algorithms.masked import masked_mean
 from tidal.algorithms.policy_losses import POLICY_LOSSES
+from tidal.algorithms.trl_losses import kl_importance_ratio
 
 if TYPE_CHECKING:
     from tidal.config.schema import ActorConfig
@@ -80,6 +83,13 @@ def actor_objective(
             denominator=counts,
             seq_reward=micro.get("seq_reward"),
             correct_threshold=config.kl_loss_correct_threshold,
+            # TRL's use_bias_correction_kl: the samples come from pi_old, so weight each token's KL by
+            # pi / pi_old (with its gradient) to estimate KL(pi || ref) and its gradient without bias.
+            weights=(
+                kl_importance_ratio(log_probs, old_log_probs, mask, config.policy_loss)
+                if config.use_bias_correction_kl
+                else None
+            ),
         )
         loss = loss + kl_coef * kl_loss
         sums["kl_loss"] = float(kl_loss.detach())

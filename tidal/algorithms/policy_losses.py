@@ -62,12 +62,14 @@ def vanilla(
     ratio = exp(clamp(log_probs - old_log_probs, -20, 20)); loss = max(-A * ratio,
     -A * clip(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high)); for A < 0 the loss is further capped
     at -A * clip_ratio_c (dual clip, Ye et al. 2019), so one hugely unlikely token cannot dominate.
+    With `config.delta` (TRL's INTELLECT-2 cap) the unclipped term uses min(ratio, delta).
     """
     if config.clip_ratio_c <= 1.0:
         raise ValueError(f"actor.clip_ratio_c={config.clip_ratio_c} must be > 1 (the dual-clip lower bound)")
     log_ratio = torch.clamp(log_probs - old_log_probs, min=-LOG_RATIO_BOUND, max=LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
-    losses_unclipped = -advantages * ratio
+    capped = ratio if config.delta is None else torch.clamp(ratio, max=config.delta)
+    losses_unclipped = -advantages * capped
     losses_clipped = -advantages * torch.clamp(ratio, 1 - config.clip_ratio_low, 1 + config.clip_ratio_high)
     clip_losses = torch.maximum(losses_unclipped, losses_clipped)
     losses_dual = -advantages * config.clip_ratio_c

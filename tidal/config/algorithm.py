@@ -237,6 +237,7 @@ def _preference_params() -> dict[str, set[str]]:
 ESTIMATOR_ONLY_PARAMS = {
     "norm_adv_epsilon": frozenset({"grpo", "grpo_batch_std", "grpo_passk"}),
     "gpg_f_norm": frozenset({"gpg"}),
+    "rloo_normalize_advantages": frozenset({"rloo"}),
 }
 
 
@@ -256,6 +257,11 @@ class AlgorithmConfig(StrictModel):
         "1e-6, TRL 1e-4"
     )
     gpg_f_norm: float = Field(1.0, gt=0, description="gpg: advantages are divided by this (verl's f_norm)")
+    rloo_normalize_advantages: bool = Field(
+        False,
+        description="rloo: then standardise the advantages over the batch, (A - mean) / (std + 1e-4), as TRL's "
+        "RLOO normalize_advantages (samples alone in their group get 0, as in TRL)",
+    )
     use_kl_in_reward: bool = False
     kl_penalty: str = Field("kl", description="name in KL_ESTIMATORS for the in-reward penalty")
     kl_ctrl: KLControlConfig = KLControlConfig()

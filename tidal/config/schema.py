@@ -178,13 +178,22 @@ class TrainRoleConfig(StrictModel):
 
 
 # Losses whose aggregation is part of their definition (verl's too): another loss_agg_mode is refused.
-FIXED_AGGREGATION = {"sapo": "seq-mean-token-mean", "geo_mean": "seq-mean-token-mean"}
+FIXED_AGGREGATION = {
+    "sapo": "seq-mean-token-mean",
+    "geo_mean": "seq-mean-token-mean",
+    "luspo": "seq-mean-token-sum",  # TRL: each sequence's loss is its token sum (length-unbiased)
+    "rloo": "seq-mean-token-mean",  # TRL: one loss per sequence, mean over sequences
+}
 # Parameters that only one policy loss reads: setting them for another loss is a mistake.
 LOSS_ONLY_PARAMS = {
     "sapo": ("sapo_tau_pos", "sapo_tau_neg"),
     "clip_cov": ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub"),
     "kl_cov": ("kl_cov_ratio", "kl_cov_coef"),
+    "dro": ("dro_beta",),
+    "vespo": ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
 }
+# Losses that apply TRL's `delta` cap (TRL: its clipped loss types grpo/bnpo/dr_grpo/dapo and luspo).
+DELTA_LOSSES = frozenset({"vanilla", "luspo"})
 
 
 class ActorConfig(TrainRoleConfig):
@@ -201,6 +210,19 @@ class ActorConfig(TrainRoleConfig):
     clip_cov_ub: float = Field(5.0, description="Clip-Cov: candidates have covariance below this")
     kl_cov_ratio: float = Field(2e-4, gt=0, le=1, description="KL-Cov: fraction of tokens penalised")
     kl_cov_coef: float = Field(1.0, ge=0, description="KL-Cov: weight of the |log ratio| penalty")
+    dro_beta: float | None = Field(
+        None, gt=0, description="DRO: weight of the (log pi - log pi_old)^2 / 2 penalty (required, as in verl)"
+    )
+    vespo_k_pos: float = Field(2.0, ge=0, description="VESPO: power k of w in phi(w) where A >= 0 (TRL 2.0)")
+    vespo_lambda_pos: float = Field(3.0, ge=0, description="VESPO: decay lambda of phi(w) where A >= 0 (TRL 3.0)")
+    vespo_k_neg: float = Field(3.0, ge=0, description="VESPO: power k of w in phi(w) where A < 0 (TRL 3.0)")
+    vespo_lambda_neg: float = Field(2.0, ge=0, description="VESPO: decay lambda of phi(w) where A < 0 (TRL 2.0)")
+    delta: float | None = Field(
+        None,
+        gt=1,
+        description="TRL's delta (INTELLECT-2 two-sided clipping): cap the unclipped ratio at delta "
+        "(vanilla, luspo; TRL advises > 1 + clip_ratio_high); None: no cap",
+    )
     use_kl_loss: bool = False
     kl_loss_coef: float = Field(0.001, ge=0, description="KL-loss weight (KDRL: the start of the anneal)")
     kl_loss_type: str = Field("low_var_kl", description="name in KL_ESTIMATORS (KDRL: k2)")
@@ -210,6 +232,11 @@ class ActorConfig(TrainRoleConfig):
     kl_loss_anneal_steps: int = Field(0, ge=0, description="training steps of the kl_loss_coef anneal")
     kl_loss_correct_threshold: float | None = Field(
         None, description="KDRL reward-guided masking: no KL term on samples with reward >= this"
+    )
+    use_bias_correction_kl: bool = Field(
+        False,
+        description="TRL's use_bias_correction_kl (TRL default true): multiply each token's KL-loss term by "
+        "the (not detached) ratio pi/pi_old, per sequence for gspo/luspo; false: verl's KL loss",
     )
 
     @model_validator(mode="after")
@@ -233,10 +260,18 @@ class ActorConfig(TrainRoleConfig):
             )
         kl_fields = ("kl_loss_coef_end", "kl_loss_anneal_steps", "kl_loss_correct_threshold")
         stray = [f for f in kl_fields if f in self.model_fields_set]
+        stray += ["use_bias_correction_kl"] if self.use_bias_correction_kl else []
         if stray and not self.use_kl_loss:
             raise ValueError(
                 f"actor.{stray[0]} shapes the KL loss but actor.use_kl_loss=false; set actor.use_kl_loss=true "
                 f"or remove actor.{stray[0]}"
+            )
+        if self.policy_loss == "dro" and self.dro_beta is None:
+            raise ValueError("actor.policy_loss=dro needs actor.dro_beta (> 0; verl has no default), e.g. 0.1")
+        if self.delta is not None and self.policy_loss not in DELTA_LOSSES:
+            raise ValueError(
+                f"actor.delta={self.delta} is set but actor.policy_loss={self.policy_loss!r} does not apply it "
+                f"(only {', '.join(sorted(DELTA_LOSSES))}); remove actor.delta"
             )
         return self
 
