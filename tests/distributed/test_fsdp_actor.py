@@ -200,6 +200,16 @@ def _check_equivalence(rank: int, ctx: WorkerContext, model_dir: str) -> None:
     tiny_metrics = actor.update(tiny)
     dist.all_gather_object(all_metrics, tiny_metrics)
     assert all_metrics[0] == all_metrics[1]
+    # the optimal token baselines ask the log-prob pass for sum_v pi(v)^2 too (only they do)
+    algorithm = cfg.algorithm.model_copy(update={"advantage_estimator": "optimal_token_baseline"})
+    actor.cfg = cfg.model_copy(update={"algorithm": algorithm})
+    with_squares = actor.compute_log_probs(local)
+    assert "sum_pi_squared" not in out and with_squares["sum_pi_squared"].shape == (len(local), R)
+    valid = local["response_mask"].bool()
+    squares, chosen = with_squares["sum_pi_squared"][valid], with_squares["old_log_probs"][valid].exp()
+    assert (squares >= chosen.square() - 1e-6).all() and (squares <= 1 + 1e-6).all()
+    assert (with_squares["sum_pi_squared"][~valid] == 0).all()
+    actor.cfg = cfg
 
 
 # ------------------------------------------------------------------ check 2: checkpoint resume

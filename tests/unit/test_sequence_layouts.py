@@ -237,3 +237,22 @@ def test_response_without_prompt_is_rejected(layout):
     prompt_mask[0] = 0
     with pytest.raises(ValueError, match="prompt token"):
         layout.from_padded(prompt_ids, prompt_mask, response_ids, response_mask)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sum_pi_squared_output_matches_full_logits(lm, layout):
+    """The actor's log-prob pass for the optimal token baselines: a third output sum_v pi(v)^2 per
+    response token, from the kernel (no [T x V] logits), in every layout."""
+    batch = _batch(seed=3)
+    prompt_ids, prompt_mask, response_ids, response_mask = batch
+    built = layout.from_padded(*batch)
+    with torch.no_grad():
+        log_probs, _, squares = PolicyModel(lm)(built, 0.8, with_entropy=False, with_sum_pi_squared=True)
+        keep = _response_keep(response_mask)
+        ids = torch.cat([prompt_ids, response_ids], 1)
+        mask = torch.cat([prompt_mask, keep.long()], 1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = lm(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
+    want = torch.softmax(logits[:, P - 1 : -1] / 0.8, -1).square().sum(-1) * keep
+    torch.testing.assert_close(built.unpack(squares), want, rtol=1e-5, atol=1e-6)
+    assert built.unpack(log_probs).shape == want.shape
