@@ -198,6 +198,17 @@ def test_losses_with_their_own_aggregation_refuse_another_mode():
     ActorConfig(policy_loss="gspo", loss_agg_mode="token-mean")
 
 
+def test_gspo_delta_caps_the_unclipped_sequence_ratio():
+    """TRL's delta at sequence level: for A < 0 the unclipped term -A * min(s, delta) bounds the loss."""
+    log_probs = torch.tensor([[1.0, 1.0]])  # s = e
+    advantages = -torch.ones(1, 2)
+    cfg = ActorConfig(delta=1.5, loss_agg_mode="token-mean")
+    loss, _ = call("gspo", log_probs, torch.zeros(1, 2), advantages, torch.ones(1, 2), config=cfg)
+    assert loss.item() == pytest.approx(1.5)  # max(-A * min(e, 1.5), -A * clip(e, 0.8, 1.2)) = 1.5
+    loss, _ = call("gspo", log_probs, torch.zeros(1, 2), advantages, torch.ones(1, 2))
+    assert loss.item() == pytest.approx(math.e, rel=1e-6)
+
+
 def test_gspo_clipped_sequence_has_no_gradient():
     log_probs = torch.tensor([[0.5, 0.5]], requires_grad=True)  # sequence ratio e^0.5 > 1.2
     loss, metrics = call("gspo", log_probs, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2))

@@ -103,7 +103,8 @@ def gspo(
     s_i = exp(mean over the sequence of log ratio); each token uses sg[s_i] * pi / sg[pi] so the
     value is s_i and the gradient flows through every token's log-prob. Aggregated by
     actor.loss_agg_mode, as in verl (the paper's own aggregation is seq-mean-token-mean: set it).
-    GSPO's clip ranges are tiny (e.g. 3e-4 / 4e-4): set them in config.
+    GSPO's clip ranges are tiny (e.g. 3e-4 / 4e-4): set them in config. With `config.delta` (TRL's
+    cap, which TRL applies to its sequence-level ratio too) the unclipped term uses min(s_i, delta).
     `is_weights` weight each token's gradient, so pair it with sequence-level TIS weights.
     """
     log_ratio = log_probs - old_log_probs
@@ -111,7 +112,8 @@ def gspo(
     seq_log_ratio = (log_ratio * response_mask).sum(dim=-1) / lengths
     token_log_ratio = log_probs - log_probs.detach() + seq_log_ratio.detach().unsqueeze(-1)
     seq_ratio = torch.exp(torch.clamp(token_log_ratio, max=10.0))
-    losses_unclipped = -advantages * seq_ratio
+    capped = seq_ratio if config.delta is None else torch.clamp(seq_ratio, max=config.delta)
+    losses_unclipped = -advantages * capped
     losses_clipped = -advantages * torch.clamp(
         seq_ratio, 1 - config.clip_ratio_low, 1 + config.clip_ratio_high
     )

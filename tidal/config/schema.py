@@ -192,8 +192,9 @@ LOSS_ONLY_PARAMS = {
     "dro": ("dro_beta",),
     "vespo": ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
 }
-# Losses that apply TRL's `delta` cap (TRL: its clipped loss types grpo/bnpo/dr_grpo/dapo and luspo).
-DELTA_LOSSES = frozenset({"vanilla", "luspo"})
+# Losses that apply TRL's `delta` cap (TRL: its clipped loss types grpo/bnpo/dr_grpo/dapo and luspo,
+# at token or sequence importance-sampling level: vanilla and gspo here).
+DELTA_LOSSES = frozenset({"vanilla", "gspo", "luspo"})
 
 
 class ActorConfig(TrainRoleConfig):
