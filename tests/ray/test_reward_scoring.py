@@ -36,6 +36,7 @@ def test_parallel_scoring_matches_local_scoring():
     assert torch.equal(got["token_rewards"], expected["token_rewards"])
     assert metrics["reward/mean"] == pytest.approx(expected_metrics["reward/mean"])
     assert metrics["reward/num_errors"] == 0 and metrics["reward/num_timeouts"] == 0
+    assert metrics["reward/error_share"] == 0
 
     # A DistributedBatch input is read by reference and the result unions back onto it.
     distributed = DistributedBatch.from_batch(batch, num_shards=2)
@@ -45,7 +46,7 @@ def test_parallel_scoring_matches_local_scoring():
     assert torch.equal(joined["response_ids"], batch["response_ids"])
 
 
-def test_a_chunk_past_the_timeout_scores_zero_and_the_rest_is_kept():
+def test_a_chunk_past_the_timeout_is_flagged_and_the_rest_is_kept():
     def slow_on_zero(prompt, response, truth):  # local function: pickled by value into the tasks
         if truth == "0":
             time.sleep(120)
@@ -66,7 +67,8 @@ def test_a_chunk_past_the_timeout_scores_zero_and_the_rest_is_kept():
     assert got["seq_reward"].tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     assert got["token_rewards"].shape == (6, 4) and got["token_rewards"][:3].abs().sum() == 0
     assert metrics == {
-        "reward/mean": pytest.approx(1 / 6),
+        "reward/mean": pytest.approx(1 / 2),  # over the two samples that were scored
         "reward/num_errors": 4.0,
         "reward/num_timeouts": 3.0,
+        "reward/error_share": pytest.approx(4 / 6),
     }

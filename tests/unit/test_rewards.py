@@ -89,11 +89,17 @@ def test_score_batch_captures_exceptions_per_sample():
         None,
         "RuntimeError: cannot score this",
         None,
-        "ValueError: reward function returned nan",
+        "NonFiniteReward: returned nan",
     ]
     assert out["token_rewards"][0].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0]
     assert out["token_rewards"].dtype == torch.float32 and out["token_rewards"].shape == (4, 5)
-    assert metrics == {"reward/mean": 0.25, "reward/num_errors": 2.0}
+    # The mean is over the samples that were scored: the failed ones carry a placeholder.
+    assert metrics == {"reward/mean": 0.5, "reward/num_errors": 2.0}
+    # reward.on_error=score: failed samples carry reward.error_score (on their last token too).
+    out, metrics = score_batch(batch, picky, error_score=-1.0)
+    assert out["seq_reward"].tolist() == [1.0, -1.0, 0.0, -1.0]
+    assert out["token_rewards"][1].tolist() == [0.0, 0.0, 0.0, 0.0, -1.0]
+    assert metrics == {"reward/mean": 0.5, "reward/num_errors": 2.0}
 
 
 def test_score_batch_by_name_and_on_an_empty_batch():

@@ -44,15 +44,38 @@ def _check_names(cfg: JobConfig) -> None:
     _check("algorithm.kl_penalty", cfg.algorithm.kl_penalty, KL_ESTIMATORS.names())
     combination = cfg.algorithm.reward_combination
     if combination is None:
-        _check("reward.function", cfg.reward.function, REWARD_FUNCTIONS.names())
+        function = _check_reward_function("reward.function", cfg.reward.function, REWARD_FUNCTIONS)
+        if function != cfg.reward.function:
+            cfg.reward.function = function
         return
-    for i, name in enumerate(combination.components):
-        _check(f"algorithm.reward_combination.components.{i}", name, REWARD_FUNCTIONS.names())
+    components = [
+        _check_reward_function(f"algorithm.reward_combination.components.{i}", name, REWARD_FUNCTIONS)
+        for i, name in enumerate(combination.components)
+    ]
+    if components != combination.components:
+        combination.components = components
     if "function" in cfg.reward.model_fields_set:
         raise ValueError(
             f"reward.function={cfg.reward.function!r} is not used when algorithm.reward_combination is "
             "set; list it in algorithm.reward_combination.components and remove reward.function"
         )
+
+
+def _check_reward_function(field: str, spec: str, registry) -> str:
+    """A registered name, or a user function 'pkg.mod:fn' / 'path/file.py:fn' (loaded here and its
+    signature checked). Returns the spec to store: a file path made absolute, so that the Ray
+    workers, whatever their working directory, load the same file."""
+    from tidal.workers.rewards import custom
+
+    if not custom.is_custom_spec(spec):
+        _check(field, spec, registry.names())
+        return spec
+    resolved = custom.absolute_spec(spec)
+    try:
+        custom.check_reward_function(resolved)
+    except ValueError as err:
+        raise ValueError(f"{field}={spec!r}: {err}") from None
+    return resolved
 
 
 def _check_plugins(cfg: JobConfig) -> None:

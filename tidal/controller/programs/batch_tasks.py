@@ -1,5 +1,5 @@
-"""Small whole-step Ray tasks the stages run with `job.run_task`: join reward components, filter
-groups, keep rows, lay out and attach reference rewards. Each is a plain function of Batches, so it
+"""Small whole-step Ray tasks the stages run with `job.run_task`: join reward components, decide
+which samples a failed reward removes, filter groups, keep rows, lay out and attach reference rewards. Each is a plain function of Batches, so it
 can be tested without Ray.
 
 `run_task(fn, batch, *args)` calls `fn(batch.fetch(), *args)` inside a task; further
@@ -8,16 +8,22 @@ DistributedBatches among `args` are fetched in the task too, never on the driver
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import torch
 
 from tidal.algorithms.plugins import configured_plugins
-from tidal.config.schema import JobConfig
+from tidal.config.schema import GROUP_ESTIMATORS, JobConfig
 from tidal.dataflow.batch import Batch
 from tidal.dataflow.distributed_batch import DistributedBatch
-from tidal.workers.rewards.scorer import token_rewards_at_last_token
+from tidal.workers.rewards.custom import label
+from tidal.workers.rewards.scorer import TIMEOUT_ERROR, token_rewards_at_last_token
+
+# Estimators whose baseline is the other samples of the prompt (grpo_batch_std centres by the group
+# mean too, though the config's GROUP_ESTIMATORS, which only gates rollout.sampling.n, leaves it out).
+PEER_ESTIMATORS = GROUP_ESTIMATORS | {"grpo_batch_std"}
 
 
 def combine_rewards(
@@ -26,7 +32,10 @@ def combine_rewards(
     """One reward per sample from the scored components (`algorithm.reward_combination`).
 
     `batch` holds response_mask; component k holds seq_reward and reward_error of the k-th
-    reward function. A sample's reward_error is the first component error, prefixed by its name.
+    reward function. A sample's reward_error is the first component error, prefixed by its name; a
+    failed component carries the scorer's placeholder (reward.error_score with on_error=score).
+    Metrics: the combiner's, and reward/mean (over the samples no component failed),
+    reward/num_errors (samples with a failed component), reward/num_timeouts, reward/error_share.
     With gdpo, which normalises each component on its own, the [N, K] scores are kept as the column
     `reward_components` (in the order of `components`).
     """
@@ -35,10 +44,20 @@ def combine_rewards(
     stacked = torch.stack([s["seq_reward"].float() for s in scored], dim=1)
     reward, metrics = configured_plugins(cfg).reward_combiner(stacked)
     errors: list[str | None] = [None] * len(batch)
+    timed_out = [False] * len(batch)
     for name, part in zip(names, scored):
         for i, error in enumerate(part["reward_error"]):
             if error is not None and errors[i] is None:
-                errors[i] = f"{name}: {error}"
+                errors[i] = f"{label(name)}: {error}"
+            timed_out[i] = timed_out[i] or error == TIMEOUT_ERROR
+    ok = torch.tensor([e is None for e in errors], dtype=torch.bool)
+    num_errors = len(errors) - int(ok.sum())
+    metrics = metrics | {
+        "reward/mean": float(reward[ok].mean()) if bool(ok.any()) else 0.0,
+        "reward/num_errors": float(num_errors),
+        "reward/num_timeouts": float(sum(timed_out)),
+        "reward/error_share": num_errors / len(errors) if errors else 0.0,
+    }
     columns = {
         "seq_reward": reward,
         "token_rewards": token_rewards_at_last_token(reward, batch["response_mask"]),
@@ -46,6 +65,40 @@ def combine_rewards(
     if cfg.algorithm.keeps_reward_components:
         columns["reward_components"] = stacked
     return Batch.from_dict(columns, {"reward_error": errors}), metrics
+
+
+def rows_to_keep(
+    failed: Sequence[bool], uids: Sequence[Hashable], on_error: str, group_estimator: bool
+) -> list[bool]:
+    """Which samples stay in the step after their rewards were scored (`reward.on_error`).
+
+    - score: every sample (the failed ones carry reward.error_score);
+    - drop_group: the samples of prompts none of whose samples failed;
+    - drop_sample: the samples that did not fail. The survivors of a group are a smaller (ragged)
+      group, which every estimator handles as it handles groups thinned by sample selection. One
+      exception: a group left with a single sample has no peer, and the group estimators would give
+      it its raw reward as advantage (grpo, rloo, ...) or refuse it (grpo_passk), so with a group
+      estimator (`group_estimator`) a lone survivor of a group that lost samples is dropped too.
+    """
+    if on_error == "score":
+        return [True] * len(failed)
+    bad = {uid for uid, f in zip(uids, failed) if f}
+    if on_error == "drop_group":
+        return [uid not in bad for uid in uids]
+    keep = [not f for f in failed]
+    if group_estimator:
+        left = Counter(uid for uid, k in zip(uids, keep) if k)
+        keep = [k and not (uid in bad and left[uid] < 2) for uid, k in zip(uids, keep)]
+    return keep
+
+
+def drop_failed_rewards(batch: Batch, cfg: JobConfig) -> tuple[Batch, list[bool]]:
+    """`rows_to_keep` over a scored batch (uid, reward_error): (keep column, keep)."""
+    failed = [error is not None for error in batch["reward_error"]]
+    uids = [str(uid) for uid in batch["uid"]]
+    group_estimator = cfg.algorithm.advantage_estimator in PEER_ESTIMATORS
+    keep = rows_to_keep(failed, uids, cfg.reward.on_error, group_estimator)
+    return Batch.from_dict({"keep": torch.tensor(keep, dtype=torch.bool)}), keep
 
 
 def filter_groups(batch: Batch, cfg: JobConfig) -> tuple[Batch, list[bool], list[str]]:
@@ -87,23 +140,38 @@ def reference_rows(prompts: Batch) -> Batch:
 
 
 def attach_baselines(batch: Batch, scored: DistributedBatch | Batch) -> Batch:
-    """`reward_baselines` for each sample, from the scored reference responses of its prompt (by uid).
+    """`reward_baselines` for each sample (`attach_baselines_keeping` without dropping)."""
+    return attach_baselines_keeping(batch, scored)[0]
+
+
+def attach_baselines_keeping(
+    batch: Batch, scored: DistributedBatch | Batch, drop_failed: bool = False
+) -> tuple[Batch, list[bool]]:
+    """`reward_baselines` for each sample, from the scored reference responses of its prompt (by
+    uid), and which samples keep a baseline.
 
     One reference per prompt (the greedy response) gives [N]; several (the data's) give [N, M],
     M the most any prompt has, padded with NaN where a prompt has fewer (PAR averages over the rest).
+    With `drop_failed` (reward.on_error drop_sample / drop_group) a reference whose reward failed is
+    left out, and the samples of a prompt with no reference left are not kept (their baseline is a
+    placeholder 0); otherwise a failed reference counts with its reward.error_score.
     """
     scored = scored.fetch() if isinstance(scored, DistributedBatch) else scored
     by_uid: dict[str, list[float]] = {}
-    for uid, reward in zip(scored["uid"], scored["seq_reward"].tolist()):
-        by_uid.setdefault(uid, []).append(reward)
+    errors = scored["reward_error"] if "reward_error" in scored else [None] * len(scored)
+    for uid, reward, error in zip(scored["uid"], scored["seq_reward"].tolist(), errors):
+        rewards = by_uid.setdefault(uid, [])
+        if error is None or not drop_failed:
+            rewards.append(reward)
     missing = [uid for uid in batch["uid"] if uid not in by_uid]
     if missing:
         raise ValueError(f"no greedy response or data reference was scored for prompts {missing[:3]}")
-    per_sample = [by_uid[uid] for uid in batch["uid"]]
+    keep = [bool(by_uid[uid]) for uid in batch["uid"]]
+    per_sample = [by_uid[uid] or [0.0] for uid in batch["uid"]]
     width = max((len(r) for r in per_sample), default=1)
     if width == 1:
-        return Batch.from_dict({"reward_baselines": torch.tensor([r[0] for r in per_sample])})
+        return Batch.from_dict({"reward_baselines": torch.tensor([r[0] for r in per_sample])}), keep
     padded = torch.full((len(per_sample), width), float("nan"))
     for i, rewards in enumerate(per_sample):
         padded[i, : len(rewards)] = torch.tensor(rewards)
-    return Batch.from_dict({"reward_baselines": padded})
+    return Batch.from_dict({"reward_baselines": padded}), keep

@@ -35,28 +35,68 @@ def generate(job: Job, prompts: Batch, step: int, attempt: int = 0) -> Distribut
 
 
 def score(job: Job, batch: DistributedBatch) -> tuple[DistributedBatch, dict[str, float]]:
-    """Rule rewards in parallel Ray tasks; a failing sample is counted, scored 0, and the run goes on.
+    """Rewards in parallel Ray tasks; a failing sample is counted and flagged, and the run goes on.
 
     With `algorithm.reward_combination` every component function scores the batch and one task
     combines them (metrics reward/<name>/mean per component, reward/mean of the combination).
+    Metrics: reward/mean (over the samples whose reward did not fail), reward/num_errors,
+    reward/num_timeouts, reward/error_share. Nothing is dropped here: see `score_samples`.
     """
-    from tidal.workers.rewards.scorer import score_in_parallel
+    scored, metrics, _ = score_with_errors(job, batch)
+    return scored, metrics
+
+
+def score_with_errors(
+    job: Job, batch: DistributedBatch
+) -> tuple[DistributedBatch, dict[str, float], str | None]:
+    """`score` plus the first error of the batch as a sentence (None when no reward failed)."""
+    from tidal.workers.rewards import custom, scorer
 
     combination = job.cfg.algorithm.reward_combination
     if combination is None:
-        rewards, metrics = score_in_parallel(batch, job.cfg.reward)
-        return batch.union(rewards), metrics
-    parts, metrics = [], {"reward/num_errors": 0.0}
+        rewards, metrics, first_error = scorer.score_with_errors(batch, job.cfg.reward)
+        return batch.union(rewards), metrics, first_error
+    parts, metrics, first_error = [], {}, None
     for name in combination.components:
-        part, part_metrics = score_in_parallel(batch, job.cfg.reward.model_copy(update={"function": name}))
+        part, part_metrics, part_error = scorer.score_with_errors(
+            batch, job.cfg.reward.model_copy(update={"function": name})
+        )
         parts.append(part)
-        metrics[f"reward/{name}/mean"] = part_metrics["reward/mean"]
-        metrics["reward/num_errors"] += part_metrics["reward/num_errors"]
+        metrics[f"reward/{custom.label(name)}/mean"] = part_metrics["reward/mean"]
+        first_error = first_error or part_error
     rewards, combined = job.run_task(
         batch_tasks.combine_rewards, batch.select("response_mask"), parts, job.cfg
     )
-    metrics |= combined | {"reward/mean": combined["reward_combination/mean"]}
-    return batch.union(rewards), metrics
+    return batch.union(rewards), metrics | combined, first_error
+
+
+def score_samples(job: Job, batch: DistributedBatch) -> tuple[DistributedBatch, dict[str, float]]:
+    """`score` for training: stop when too many rewards failed, then apply `reward.on_error`.
+
+    A failed reward (the function raised, timed out or returned NaN / inf) says nothing about the
+    response, so a sample carrying one must not move the policy. The cleanest way to guarantee that
+    is to remove it from the step before anything reads its reward, exactly as dynamic sampling
+    and sample selection remove rows: the failed value then cannot reach the group statistics of
+    the estimator, the batch-level whitening, the shaping, nor the loss and its normalisation.
+    `reward.on_error`: drop_sample removes the failed samples (and, with a group estimator, a lone
+    survivor of a group: `batch_tasks.rows_to_keep`), drop_group every sample of a prompt with a
+    failure, score keeps them with reward.error_score. Failures are still counted
+    (reward/num_errors, reward/num_timeouts, reward/error_share); reward/num_dropped counts the
+    samples removed. More than `reward.max_error_share` failed stops the run (RewardFailureError).
+    """
+    from tidal.workers.rewards.scorer import check_error_share
+
+    num_samples = len(batch)
+    batch, metrics, first_error = score_with_errors(job, batch)
+    check_error_share(metrics["reward/num_errors"], num_samples, first_error, job.cfg.reward, "sample")
+    metrics["reward/num_dropped"] = 0.0
+    if metrics["reward/num_errors"] == 0 or job.cfg.reward.on_error == "score":
+        return batch, metrics
+    _, keep = job.run_task(batch_tasks.drop_failed_rewards, batch.select("uid", "reward_error"), job.cfg)
+    metrics["reward/num_dropped"] = float(len(keep) - sum(keep))
+    if not all(keep):
+        batch = take_rows(job, [batch], [keep])
+    return batch, metrics
 
 
 def filter_groups(
@@ -84,20 +124,33 @@ def reward_baselines(
     The references are the policy's greedy response (ReMax, PAR baseline=greedy), or the dataset's
     reference responses (PAR baseline=data: [N, M], nothing generated). Both are scored by `score`,
     so reward combinations and error counting apply to them as to the samples; their reward
-    metrics come back as `baseline_reward/*`.
+    metrics come back as `baseline_reward/*`. Failed references follow `reward.on_error` too: more
+    than reward.max_error_share of them stops the run; with a drop setting a failed reference is
+    left out, and the samples of a prompt left without a reference are dropped (counted in
+    baseline_reward/num_dropped).
     """
+    from tidal.workers.rewards.scorer import check_error_share
+
     if job.cfg.algorithm.par_baseline == "data":
         references = DistributedBatch.from_batch(batch_tasks.reference_rows(prompts))
     else:
         greedy = job.cfg.rollout.sampling.model_copy(update={"temperature": 0.0, "n": 1})
         references = job.rollout.generate(prompts, sampling=greedy, seed=0, policy_version=job.version)
-    scored, metrics = score(job, references)
-    baselines = job.run_task(
-        batch_tasks.attach_baselines, batch.select("uid"), scored.select("uid", "seq_reward")
+    num_references = len(references)
+    scored, metrics, first_error = score_with_errors(job, references)
+    check_error_share(metrics["reward/num_errors"], num_references, first_error, job.cfg.reward, "reference")
+    drop = job.cfg.reward.on_error != "score"
+    baselines, keep = job.run_task(
+        batch_tasks.attach_baselines_keeping,
+        batch.select("uid"),
+        scored.select("uid", "seq_reward", "reward_error"),
+        drop,
     )
-    return batch.union(baselines), {
-        f"baseline_reward/{key.removeprefix('reward/')}": value for key, value in metrics.items()
-    }
+    batch = batch.union(baselines)
+    metrics["reward/num_dropped"] = float(len(keep) - sum(keep))
+    if not all(keep):
+        batch = take_rows(job, [batch], [keep])
+    return batch, {f"baseline_reward/{key.removeprefix('reward/')}": value for key, value in metrics.items()}
 
 
 def reference_log_probs(job: Job, batch: DistributedBatch) -> DistributedBatch:
@@ -152,7 +205,7 @@ def evaluate(job: Job) -> dict[str, float]:
     batch = job.rollout.generate(
         job.val_prompts, sampling=job.cfg.rollout.val_sampling, seed=0, policy_version=job.version
     )
-    _, metrics = score(job, batch)
+    _, metrics = score(job, batch)  # failed rewards are counted, never a reason to stop
     return {
         "val/reward": metrics["reward/mean"],
         "val/reward_errors": metrics["reward/num_errors"],
