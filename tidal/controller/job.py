@@ -87,9 +87,12 @@ class Job:
             by_pool.setdefault(pool, {})[name] = role_cls
             job._role_pool[name] = pool
         pools = {name: cfg.resources.pools[name] for name in by_pool}
+        from tidal.workers.rewards.custom import reward_runtime_env  # ships user reward code to workers
+
         job._cluster = ensure_ray(
             num_cpus=sum(p.num_workers * p.cpus_per_worker for p in pools.values()) + cfg.reward.num_parallel,
             temp_dir=job.output_dir / "ray",
+            runtime_env=reward_runtime_env(cfg),
         )
         for pool_name, pool_roles in by_pool.items():
             pool = ResourcePool(pool_name, pools[pool_name])
