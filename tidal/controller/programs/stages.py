@@ -8,6 +8,7 @@ store because each stage names what it reads and what it adds.
 from __future__ import annotations
 
 import time
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +20,10 @@ from tidal.dataflow.distributed_batch import DistributedBatch
 
 if TYPE_CHECKING:
     from tidal.controller.job import Job
+
+
+# The reward error kinds each job has logged (the first of each kind is logged once per run).
+_LOGGED_REWARD_ERRORS: weakref.WeakKeyDictionary[Job, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
 
 
 def generate(job: Job, prompts: Batch, step: int, attempt: int = 0) -> DistributedBatch:
@@ -52,14 +57,15 @@ def score_with_errors(
     """`score` plus the first error of the batch as a sentence (None when no reward failed)."""
     from tidal.workers.rewards import custom, scorer
 
+    logged = _LOGGED_REWARD_ERRORS.setdefault(job, set())
     combination = job.cfg.algorithm.reward_combination
     if combination is None:
-        rewards, metrics, first_error = scorer.score_with_errors(batch, job.cfg.reward)
+        rewards, metrics, first_error = scorer.score_with_errors(batch, job.cfg.reward, logged=logged)
         return batch.union(rewards), metrics, first_error
     parts, metrics, first_error = [], {}, None
     for name in combination.components:
         part, part_metrics, part_error = scorer.score_with_errors(
-            batch, job.cfg.reward.model_copy(update={"function": name})
+            batch, job.cfg.reward.model_copy(update={"function": name}), logged=logged
         )
         parts.append(part)
         metrics[f"reward/{custom.label(name)}/mean"] = part_metrics["reward/mean"]

@@ -151,13 +151,19 @@ def _timed_out_rows(source: DistributedBatch, start: int, stop: int, error_score
     )
 
 
-def log_first_errors(fn_label: str, examples: dict[str, tuple[str, str, str]], timeout_s: float) -> None:
-    """Log each error kind of `fn_label` the first time this process sees it (later ones are only
-    counted)."""
+def log_first_errors(
+    fn_label: str,
+    examples: dict[str, tuple[str, str, str]],
+    timeout_s: float,
+    logged: set[tuple[str, str]] | None = None,
+) -> None:
+    """Log each error kind of `fn_label` the first time it is seen (later ones are only counted).
+    `logged` remembers the kinds already logged: a run passes its own set; default: this process's."""
+    logged = _LOGGED_KINDS if logged is None else logged
     for kind, (error, prompt, response) in examples.items():
-        if (fn_label, kind) in _LOGGED_KINDS:
+        if (fn_label, kind) in logged:
             continue
-        _LOGGED_KINDS.add((fn_label, kind))
+        logged.add((fn_label, kind))
         sample = (
             ""
             if kind == TIMEOUT_ERROR
@@ -179,8 +185,10 @@ def score_with_errors(
     batch: Batch | DistributedBatch,
     cfg: RewardConfig,
     reward_fn: RewardFn | None = None,
+    logged: set[tuple[str, str]] | None = None,
 ) -> tuple[DistributedBatch, dict[str, float], str | None]:
-    """`score_in_parallel` plus the first error of this batch as a sentence (None if none failed)."""
+    """`score_in_parallel` plus the first error of this batch as a sentence (None if none failed);
+    `logged` as in `log_first_errors`."""
     fn: str | RewardFn = reward_fn if reward_fn is not None else cfg.function
     task_env = None
     if isinstance(fn, str):
@@ -230,7 +238,7 @@ def score_with_errors(
             shards.append((ray.put(_timed_out_rows(source, start, stop, fill)), n))
             num_timeouts += n
             examples.setdefault(TIMEOUT_ERROR, (TIMEOUT_ERROR, "", ""))
-    log_first_errors(fn_label, examples, cfg.timeout_s)
+    log_first_errors(fn_label, examples, cfg.timeout_s, logged)
     num_rows = len(source)
     failed = num_errors + num_timeouts
     first = next(iter(examples.values()), None)
