@@ -1,9 +1,13 @@
 """Rule reward functions by name: `reward.function=arithmetic` picks one.
 
 A reward function is `fn(prompt: str, response: str, ground_truth: str) -> float`, pure and cheap
-enough to run thousands of times per step inside Ray tasks. It may raise: the scorer turns an
-exception into reward 0 plus a recorded error for that one sample, so a malformed response never
-stops a run.
+enough to run thousands of times per step inside Ray tasks. It may raise: the scorer records an
+error for that one sample, which `reward.on_error` then drops from the step (or scores
+`reward.error_score`), so a malformed response never stops a run (tidal/workers/rewards/scorer.py).
+
+A function registered here from a user's own script is shipped to the Ray workers by value, but the
+supported way to use your own function is a spec, `reward.function=my_pkg.my_module:my_fn` or
+`path/to/file.py:my_fn`, which every worker loads itself (tidal/workers/rewards/custom.py).
 """
 
 from __future__ import annotations
