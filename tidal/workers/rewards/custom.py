@@ -213,15 +213,25 @@ def _check_not_shadowing(path: str) -> None:
         found = importlib.util.find_spec(stem)
     except (ImportError, ValueError):
         return
-    if (
-        found is not None
-        and found.origin is not None
-        and os.path.realpath(found.origin) != os.path.realpath(path)
-    ):
+    if found is not None and found.origin is not None and not _same_file(found.origin, path):
         raise ValueError(
             f"file {path} is named like the module {stem!r} ({found.origin}); it is shipped to the Ray "
             "workers on their import path, where it would replace that module: rename the file"
         )
+
+
+def _same_file(found: str, path: str) -> bool:
+    """`found` is `path` itself, or the copy of it the runtime environment shipped (same name and bytes)."""
+    if os.path.realpath(found) == os.path.realpath(path):
+        return True
+    if os.path.basename(found) != os.path.basename(path):
+        return False
+    if not os.path.isfile(path):  # a machine without the original: found is the shipped copy
+        return True
+    try:
+        return Path(found).read_bytes() == Path(path).read_bytes()
+    except OSError:
+        return False
 
 
 # -------------------------------------------------------------------------- runtime environments
