@@ -574,6 +574,6 @@ PAIR_DATA_FIELDS = ("chosen_key", "rejected_key", "max_response_length")
 REFERENCE_PREFERENCE_LOSSES = frozenset({"dpo"})
 # Estimators that normalise within a prompt's group of samples and so need n >= 2.
 GROUP_ESTIMATORS = frozenset(
-    {"grpo", "rloo", "grpo_passk", "reinforce_plus_plus_baseline", "opo", "gpg", "gdpo"}
+    {"grpo", "grpo_batch_std", "rloo", "grpo_passk", "reinforce_plus_plus_baseline", "opo", "gpg", "gdpo"}
     | {"optimal_token_baseline", "tir_optimal_token_baseline"}  # peers' returns are the baseline
 )

@@ -21,10 +21,6 @@ from tidal.dataflow.distributed_batch import DistributedBatch
 from tidal.workers.rewards.custom import label
 from tidal.workers.rewards.scorer import TIMEOUT_ERROR, token_rewards_at_last_token
 
-# Estimators whose baseline is the other samples of the prompt (grpo_batch_std centres by the group
-# mean too, though the config's GROUP_ESTIMATORS, which only gates rollout.sampling.n, leaves it out).
-PEER_ESTIMATORS = GROUP_ESTIMATORS | {"grpo_batch_std"}
-
 
 def combine_rewards(
     batch: Batch, components: Sequence[DistributedBatch | Batch], cfg: JobConfig
@@ -96,7 +92,7 @@ def drop_failed_rewards(batch: Batch, cfg: JobConfig) -> tuple[Batch, list[bool]
     """`rows_to_keep` over a scored batch (uid, reward_error): (keep column, keep)."""
     failed = [error is not None for error in batch["reward_error"]]
     uids = [str(uid) for uid in batch["uid"]]
-    group_estimator = cfg.algorithm.advantage_estimator in PEER_ESTIMATORS
+    group_estimator = cfg.algorithm.advantage_estimator in GROUP_ESTIMATORS
     keep = rows_to_keep(failed, uids, cfg.reward.on_error, group_estimator)
     return Batch.from_dict({"keep": torch.tensor(keep, dtype=torch.bool)}), keep
 
