@@ -46,6 +46,11 @@ def weighted(pg_losses: torch.Tensor, is_weights: torch.Tensor | None) -> torch.
     return pg_losses if is_weights is None else pg_losses * is_weights.detach()
 
 
+def cap_ratio(ratio: torch.Tensor, config: ActorConfig) -> torch.Tensor:
+    """TRL's `delta` (INTELLECT-2 two-sided clipping): the unclipped ratio is capped at delta."""
+    return ratio if config.delta is None else torch.clamp(ratio, max=config.delta)
+
+
 @POLICY_LOSSES.register("vanilla")
 def vanilla(
     log_probs: torch.Tensor,
@@ -68,8 +73,7 @@ def vanilla(
         raise ValueError(f"actor.clip_ratio_c={config.clip_ratio_c} must be > 1 (the dual-clip lower bound)")
     log_ratio = torch.clamp(log_probs - old_log_probs, min=-LOG_RATIO_BOUND, max=LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
-    capped = ratio if config.delta is None else torch.clamp(ratio, max=config.delta)
-    losses_unclipped = -advantages * capped
+    losses_unclipped = -advantages * cap_ratio(ratio, config)
     losses_clipped = -advantages * torch.clamp(ratio, 1 - config.clip_ratio_low, 1 + config.clip_ratio_high)
     clip_losses = torch.maximum(losses_unclipped, losses_clipped)
     losses_dual = -advantages * config.clip_ratio_c
@@ -112,8 +116,7 @@ def gspo(
     seq_log_ratio = (log_ratio * response_mask).sum(dim=-1) / lengths
     token_log_ratio = log_probs - log_probs.detach() + seq_log_ratio.detach().unsqueeze(-1)
     seq_ratio = torch.exp(torch.clamp(token_log_ratio, max=10.0))
-    capped = seq_ratio if config.delta is None else torch.clamp(seq_ratio, max=config.delta)
-    losses_unclipped = -advantages * capped
+    losses_unclipped = -advantages * cap_ratio(seq_ratio, config)
     losses_clipped = -advantages * torch.clamp(
         seq_ratio, 1 - config.clip_ratio_low, 1 + config.clip_ratio_high
     )

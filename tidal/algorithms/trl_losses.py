@@ -23,7 +23,7 @@ import torch
 
 from tidal.algorithms.aggregation import Denominator, aggregate_loss
 from tidal.algorithms.masked import masked_mean
-from tidal.algorithms.policy_losses import LOG_RATIO_BOUND, POLICY_LOSSES, metrics_of, weighted
+from tidal.algorithms.policy_losses import LOG_RATIO_BOUND, POLICY_LOSSES, cap_ratio, metrics_of, weighted
 
 if TYPE_CHECKING:
     from tidal.config.schema import ActorConfig
@@ -51,11 +51,6 @@ def kl_importance_ratio(
     if policy_loss in SEQUENCE_RATIO_LOSSES:
         return torch.exp(_sequence_log_ratio(log_ratio, mask)).expand_as(log_probs)
     return torch.exp(torch.clamp(log_ratio, min=-LOG_RATIO_BOUND, max=LOG_RATIO_BOUND))
-
-
-def cap_ratio(ratio: torch.Tensor, config: ActorConfig) -> torch.Tensor:
-    """TRL's `delta` (INTELLECT-2 two-sided clipping): the unclipped ratio is capped at delta."""
-    return ratio if config.delta is None else torch.clamp(ratio, max=config.delta)
 
 
 def vespo_weights(
