@@ -66,9 +66,9 @@ def test_file_and_module_reward_functions_run_in_the_workers_and_failures_leave_
     tmp_path, monkeypatch, caplog
 ):
     code = tmp_path / "user_code"
-    (code / "my_rewards").mkdir(parents=True)
-    (code / "my_rewards" / "__init__.py").write_text("")
-    (code / "my_rewards" / "rules.py").write_text(textwrap.dedent(RULES))
+    (code / "ray_job_rewards").mkdir(parents=True)
+    (code / "ray_job_rewards" / "__init__.py").write_text("")
+    (code / "ray_job_rewards" / "rules.py").write_text(textwrap.dedent(RULES))
     (code / "flaky_reward.py").write_text(textwrap.dedent(FLAKY))
     monkeypatch.syspath_prepend(str(code))  # the package is importable on the driver only
     cfg = load_config(
@@ -76,7 +76,7 @@ def test_file_and_module_reward_functions_run_in_the_workers_and_failures_leave_
         job(
             tmp_path,
             "algorithm.reward_combination={type: weighted_sum, components: "
-            f"['{code}/flaky_reward.py:flaky', 'my_rewards.rules:exact']}}",
+            f"['{code}/flaky_reward.py:flaky', 'ray_job_rewards.rules:exact']}}",
         ),
     )
     with caplog.at_level(logging.WARNING, logger="tidal.workers.rewards.scorer"):

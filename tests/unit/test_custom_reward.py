@@ -82,6 +82,8 @@ def test_a_module_spec_and_custom_combination_components(tmp_path, monkeypatch):
     write(tmp_path / "other.py", GOOD)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
+    for name in ("my_rewards", "my_rewards.rules"):  # this test's own package, never an earlier import
+        monkeypatch.delitem(sys.modules, name, raising=False)
     cfg = cfg_with("reward.function=my_rewards.rules:length_bonus")
     assert cfg.reward.function == "my_rewards.rules:length_bonus"
     cfg = cfg_with(
