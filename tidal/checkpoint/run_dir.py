@@ -128,7 +128,8 @@ def earlier_run(output_dir: str | Path) -> list[str]:
     steps = CheckpointManager(out).complete_steps()
     if steps:
         shown = ", ".join(str(s) for s in steps[-3:])
-        found.append(f"{len(steps)} checkpoint(s) in checkpoints/ (steps ...{shown})")
+        more = "..., " if len(steps) > 3 else ""
+        found.append(f"{len(steps)} checkpoint(s) in checkpoints/ (steps {more}{shown})")
     metrics = out / "metrics.jsonl"
     if metrics.is_file():
         rows = sum(1 for line in metrics.read_text().splitlines() if line.strip())
