@@ -87,6 +87,14 @@ def test_alias_bomb_is_refused_quickly(capsys, tmp_path, job):
     assert code == 2 and "expands to more than" in err
 
 
+def test_overrides_adding_up_past_the_tree_limit_are_refused(capsys, tmp_path, job):
+    """Each override stays under the per-source limit; together they pass the whole tree's."""
+    items = ", ".join(["1"] * 9000)
+    overrides = [f"data.extra{i}=[{items}]" for i in range(3)]  # 27000 values > 2 x 10000
+    code, _, err = check(capsys, write(tmp_path, yaml.safe_dump(job)), *overrides)
+    assert code == 2 and "holds more than 20000 values" in err
+
+
 # Overrides on a valid job: (override, needle naming field, value and fix).
 OVERRIDE_CASES = [
     ("trainer.prompts_per_step=true", "trainer.prompts_per_step=True: a boolean where a number"),

@@ -142,6 +142,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 f"not a {type(tree).__name__}"
             )
     apply_overrides(tree, overrides or [])
-    if count_values(tree) > MAX_TREE_VALUES:  # overrides may add aliases' worth of values too
+    # count_values stops soon after its limit, so it must count up to this limit, not its default.
+    if count_values(tree, MAX_TREE_VALUES) > MAX_TREE_VALUES:  # overrides may add aliases' worth too
         raise ConfigError(f"the job config holds more than {MAX_TREE_VALUES} values; a job needs a few hundred")
     return config_from_dict(tree)
