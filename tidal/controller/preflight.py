@@ -109,14 +109,8 @@ def check_model(cfg: JobConfig) -> list[str]:
     if reference is not None:
         from tidal.tasks.prepare import check_reference_model
 
-        try:
-            if built:  # vocabularies compared; a model still to be built has no config to compare yet
-                check_reference_model(reference, Path(cfg.model.path).expanduser())
-            elif not (Path(reference).expanduser() / "config.json").is_file():
-                raise ValueError(
-                    f"reference.model_path={short(reference)} is not a Hugging Face model folder (no "
-                    "config.json there); point it at the teacher model's local folder"
-                )
+        try:  # vocabularies compared once the policy is built; before, the folder alone
+            check_reference_model(reference, Path(cfg.model.path).expanduser() if built else None)
         except ValueError as err:
             problems.append(str(err))
     return problems
@@ -125,9 +119,9 @@ def check_model(cfg: JobConfig) -> list[str]:
 def _check_tokenizer(field: str, path: str) -> list[str]:
     """The tokenizer loads and fits the model. transformers builds an empty tokenizer (one special
     token) for a folder without tokenizer files, so "it loads" alone proves nothing."""
-    import json
-
     from transformers import AutoTokenizer
+
+    from tidal.tasks.prepare import model_vocab_size
 
     folder = Path(path).expanduser()
     try:
@@ -142,8 +136,7 @@ def _check_tokenizer(field: str, path: str) -> list[str]:
             f"{field}={short(path)}: its tokenizer does not load (no tokenizer files there: transformers "
             f"made an empty one); save the model's tokenizer into that folder (tokenizer.save_pretrained)"
         ]
-    config = json.loads((folder / "config.json").read_text())
-    vocab = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+    vocab = model_vocab_size(folder)
     if isinstance(vocab, int) and size > vocab:
         return [
             f"{field}={short(path)}: the tokenizer has {size} tokens but the model's vocab_size is {vocab}; "

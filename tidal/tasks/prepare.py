@@ -103,19 +103,25 @@ def prepare_model(model_cfg: ModelConfig, data_cfg: DataConfig | None) -> Path:
     return path
 
 
-def check_reference_model(reference_path: str, model_path: Path) -> None:
+def model_vocab_size(folder: Path) -> Any:
+    """vocab_size from the model folder's config.json (a multimodal model's text_config's); None if absent."""
+    config = json.loads((folder / "config.json").read_text())
+    return config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+
+
+def check_reference_model(reference_path: str, model_path: Path | None) -> None:
     """A separate reference (reference.model_path) must be a model folder whose vocabulary is the
-    policy's: KL terms compare the two models' log-probs token id by token id."""
+    policy's: KL terms compare the two models' log-probs token id by token id. `model_path` None
+    (a policy still to be built, so no config to compare yet): the folder is checked alone."""
     ref = Path(reference_path).expanduser()
     if not (ref / "config.json").is_file():
         raise ValueError(
             f"reference.model_path={reference_path!r} is not a Hugging Face model folder (no config.json "
             "there); point it at the teacher model's local folder, or remove it to use model.path"
         )
-    sizes = {}
-    for name, folder in (("reference.model_path", ref), ("model.path", model_path)):
-        config = json.loads((folder / "config.json").read_text())
-        sizes[name] = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+    if model_path is None:
+        return
+    sizes = {"reference.model_path": model_vocab_size(ref), "model.path": model_vocab_size(model_path)}
     if sizes["reference.model_path"] != sizes["model.path"]:
         raise ValueError(
             f"reference.model_path={reference_path!r} has vocab_size={sizes['reference.model_path']} but "
