@@ -34,6 +34,7 @@ from typing import Any
 
 from tidal.checkpoint.manager import CheckpointManager
 from tidal.config.schema import JobConfig
+from tidal.config.yaml_source import cut
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "metrics.png", "run.json")
 FREE_ON_RESUME = (
@@ -103,7 +104,7 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     for key in sorted(a.keys() | b.keys()):
         old, new = a.get(key, missing), b.get(key, missing)
         if old != new:
-            show = lambda v: "(absent)" if v is missing else _cut(json.dumps(v))  # noqa: E731
+            show = lambda v: "(absent)" if v is missing else cut(json.dumps(v), MAX_VALUE_CHARS)  # noqa: E731
             out.append(f"{key}: checkpoint {show(old)}, now {show(new)}")
     return out
 
@@ -115,10 +116,6 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in node.items():
         flat |= _flatten(value, f"{prefix}.{key}" if prefix else key)
     return flat
-
-
-def _cut(text: str) -> str:
-    return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 3] + "..."
 
 
 def earlier_run(output_dir: str | Path) -> list[str]:
