@@ -423,13 +423,18 @@ def build_datasets(
         val = PromptDataset.from_task(data_cfg.task, "val", data_cfg, tokenizer)
     else:
         val = None
-    for dataset in (train, val):
+    require_rows((train, val), "prompt")
+    return train, val
+
+
+def require_rows(datasets: Iterable[PromptDataset | None], what: str) -> None:
+    """Raise ValueError for a dataset that yields no usable `what`, with its skips and where each first was."""
+    for dataset in datasets:
         if dataset is not None and not len(dataset):
             raise ValueError(
-                f"{dataset.name} yields no usable prompt; skipped rows: {dict(dataset.skipped)}; "
+                f"{dataset.name} yields no usable {what}; skipped rows: {dict(dataset.skipped)}; "
                 f"first of each: {dataset.skips.first}"
             )
-    return train, val
 
 
 # ---------------------------------------------------------------------------------------- loader

@@ -43,6 +43,7 @@ from tidal.dataflow.dataset import (
     encode_each,
     encode_files,
     lookup,
+    require_rows,
 )
 
 PAIR_COLUMNS = ("prompt_ids", "prompt_mask", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
@@ -189,10 +190,5 @@ def build_pair_datasets(
         val = PairDataset.from_task(data_cfg.task, "val", data_cfg, tokenizer)
     else:
         val = None
-    for dataset in (train, val):
-        if dataset is not None and not len(dataset):
-            raise ValueError(
-                f"{dataset.name} yields no usable pair; skipped rows: {dict(dataset.skipped)}; "
-                f"first of each: {dataset.skips.first}"
-            )
+    require_rows((train, val), "pair")
     return train, val
