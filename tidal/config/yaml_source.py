@@ -110,8 +110,8 @@ def parse_yaml(text: str, source: str) -> Any:
 def read_yaml_file(path: Path) -> Any:
     """The parsed file; bad bytes, directories and missing files get errors that name the fix."""
     if path.is_dir():
-        inside = sorted(p.name for p in path.glob("*.yaml"))[:5]
-        hint = f" such as {str(path / inside[0])!r}" if inside else ""
+        first = min((p.name for p in path.glob("*.yaml")), default=None)
+        hint = f" such as {str(path / first)!r}" if first else ""
         raise YamlSourceError(
             f"config file {str(path)!r} is a directory; pass the job's YAML file{hint} "
             "(e.g. examples/quickstart.yaml)"
