@@ -11,7 +11,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from tidal.config.schema import SamplingConfig
-from tidal.workers.engines.embedded.engine import EmbeddedEngine, load_tokenizer
+from tidal.dataflow.tokenizer import load_tokenizer
+from tidal.workers.engines.embedded.engine import EmbeddedEngine
 from tidal.workers.engines.embedded.linear import packing_available
 
 PAD, EOS, VOCAB = 0, 1, 40

@@ -21,6 +21,7 @@ from tidal.controller.resource_pool import ResourcePool
 from tidal.controller.worker_group import WorkerGroup
 from tidal.dataflow.batch import Batch
 from tidal.dataflow.dataset import PromptDataset, PromptLoader, build_datasets
+from tidal.dataflow.tokenizer import load_tokenizer
 from tidal.observability.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ class Job:
         if cfg.reference_enabled and cfg.reference.model_path is not None:
             check_reference_model(cfg.reference.model_path, model_path)
         if cfg.algorithm.preference is None:
-            train_set, val_set = build_datasets(cfg.data, cfg.model.path)
+            train_set, val_set = build_datasets(
+                cfg.data, load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+            )
             job.train_loader, job.val_prompts, job.dataset_report = _loaders(
                 cfg, train_set, val_set, "prompts"
             )
@@ -102,12 +105,10 @@ class Job:
 
     def _load_pairs(self) -> None:
         """Preference pairs to train and evaluate on, and the task's held-out prompts when there is a task."""
-        from transformers import AutoTokenizer
-
         from tidal.dataflow.pairs import build_pair_datasets
 
         cfg = self.cfg
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
         train_set, val_set = build_pair_datasets(cfg.data, tokenizer)
         self.train_loader, self.val_pairs, self.dataset_report = _loaders(cfg, train_set, val_set, "pairs")
         self.val_prompts = None

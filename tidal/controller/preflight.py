@@ -104,7 +104,7 @@ def check_model(cfg: JobConfig) -> list[str]:
         built = check_model_folder(cfg.model, cfg.data)
     except ValueError as err:
         return [str(err)]
-    problems = _check_tokenizer("model.path", cfg.model.path) if built else []
+    problems = _check_tokenizer("model.path", cfg.model.path, cfg.model.trust_remote_code) if built else []
     reference = cfg.reference.model_path if cfg.reference_enabled else None
     if reference is not None:
         from tidal.tasks.prepare import check_reference_model
@@ -116,16 +116,16 @@ def check_model(cfg: JobConfig) -> list[str]:
     return problems
 
 
-def _check_tokenizer(field: str, path: str) -> list[str]:
-    """The tokenizer loads and fits the model. transformers builds an empty tokenizer (one special
-    token) for a folder without tokenizer files, so "it loads" alone proves nothing."""
-    from transformers import AutoTokenizer
-
+def _check_tokenizer(field: str, path: str, trust_remote_code: bool) -> list[str]:
+    """The tokenizer loads (the way the job loads it) and fits the model. transformers builds an
+    empty tokenizer (one special token) for a folder without tokenizer files, so "it loads" alone
+    proves nothing."""
+    from tidal.dataflow.tokenizer import load_tokenizer
     from tidal.tasks.prepare import model_vocab_size
 
     folder = Path(path).expanduser()
     try:
-        size = len(AutoTokenizer.from_pretrained(str(folder)))
+        size = len(load_tokenizer(folder, trust_remote_code))
     except Exception as err:  # noqa: BLE001 - any loading failure is the user's to fix
         return [
             f"{field}={short(path)}: its tokenizer does not load ({type(err).__name__}: "

@@ -54,10 +54,11 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from tidal.config.schema import ArithmeticTask, DataConfig
 from tidal.dataflow.batch import Batch
+from tidal.dataflow.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 RowT = TypeVar("RowT")
@@ -409,7 +410,7 @@ def build_datasets(
     """(train, val). Train: data.train_files if set, else the task's train split. Val: data.val_files
     if set, else the task's val split when a task is set, else None."""
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        tokenizer = load_tokenizer(tokenizer)
     if data_cfg.train_files:
         train = PromptDataset.from_files(data_cfg.train_files, data_cfg, tokenizer, "data.train_files")
     else:

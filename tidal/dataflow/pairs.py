@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from tidal.config.schema import ArithmeticTask, DataConfig
 from tidal.dataflow.batch import Batch
@@ -45,6 +45,7 @@ from tidal.dataflow.dataset import (
     lookup,
     require_rows,
 )
+from tidal.dataflow.tokenizer import load_tokenizer
 
 PAIR_COLUMNS = ("prompt_ids", "prompt_mask", "chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
 
@@ -178,7 +179,7 @@ def build_pair_datasets(
 ) -> tuple[PairDataset, PairDataset | None]:
     """(train, val) pairs: data.train_files / data.val_files when set, else the task's splits."""
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        tokenizer = load_tokenizer(tokenizer)
     if data_cfg.train_files:
         train = PairDataset.from_files(data_cfg.train_files, data_cfg, tokenizer, "data.train_files")
     else:

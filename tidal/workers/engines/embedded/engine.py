@@ -7,15 +7,15 @@ cache. Prompts arrive left-padded; every row decodes until it emits a stop token
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple, TypeVar
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from tidal.config.schema import SamplingConfig
+from tidal.dataflow.tokenizer import load_tokenizer
 from tidal.workers.engines.embedded.forward import FastForward, HFForward
 from tidal.workers.engines.embedded.linear import packing_available
 from tidal.workers.engines.embedded.sampling import sample_next
@@ -261,25 +261,6 @@ class EmbeddedEngine:
                 "prompts must be LEFT-padded and non-empty: every row's last column must be a real "
                 "token (prompt_mask[:, -1] == 1); pad prompts on the left"
             )
-
-
-def load_tokenizer(model_path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load the tokenizer saved with the model, honouring a generic `tokenizers` backend.
-
-    transformers 5 maps a folder whose config says e.g. qwen2 to that model's tokenizer class,
-    which ignores a custom pre-tokenizer saved in tokenizer.json (a character tokenizer then loses
-    spaces and gains an unknown <|endoftext|> id). A tokenizer saved as the generic fast class is
-    therefore loaded as exactly that.
-    """
-    config_file = Path(model_path) / "tokenizer_config.json"
-    if config_file.is_file():
-        saved = json.loads(config_file.read_text())
-        if "tokenizer_class" in saved and saved["tokenizer_class"] in (
-            "PreTrainedTokenizerFast",
-            "TokenizersBackend",
-        ):
-            return PreTrainedTokenizerFast.from_pretrained(str(model_path))
-    return AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
 
 
 def _eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
