@@ -55,7 +55,7 @@ class StoreIndex:
         self.auto_clear = auto_clear
         self.samples: dict[SampleId, _Sample] = {}
         self.unfinished = 0
-        self.counters: dict[str, int] = {"admitted": 0, "cleared": 0, "stale": 0}
+        self.counters: dict[str, int] = {"admitted": 0, "cleared": 0, "stale": 0, "peak_unfinished": 0}
         self.counters.update({f"taken/{t}": 0 for t in self.tasks})
 
     # ------------------------------------------------------------------ admission (producers)
@@ -76,6 +76,7 @@ class StoreIndex:
             self.samples[meta.id] = _Sample(meta)
         self.unfinished += len(new)
         self.counters["admitted"] += len(new)
+        self.counters["peak_unfinished"] = max(self.counters["peak_unfinished"], self.unfinished)
 
     def commit(
         self, ids: Sequence[SampleId], fields: Sequence[str], locations: Sequence[Location],
