@@ -97,3 +97,9 @@ def test_select_narrows_each_part_lazily():
     assert gone.part_keys == [(), ()] and gone.required == ("z",)
     mixed = both.select("x").union(nil_batch(4))
     assert mixed.part_keys == [("x",), ("x",), None]
+
+
+def test_select_optional_keys_are_kept_where_present_but_not_required():
+    both = nil_batch(4).union(nil_batch(4).select("y"))
+    picked = both.select("x", optional=("y", "z"))
+    assert picked.part_keys == [("x", "y", "z"), ("y",)] and picked.required == ("x",)

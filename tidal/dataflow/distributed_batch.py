@@ -10,6 +10,25 @@ task, log-probs by the actor's ranks). Rather than re-shard, a DistributedBatch 
 per producer: each part is a list of (ref, num_rows) shards covering all rows in order, and every
 part has the same total. `union` just appends parts; `materialize` slices each part to the wanted
 rows and joins the columns.
+
+Selected columns are cut where the shard lives. A part narrowed by `select` whose shards sit on
+another node is not fetched whole: one small Ray task per part (`_cut_part`, no CPU asked, default
+scheduling, which places a task next to its largest arguments) receives that part's overlapping
+shards, keeps only the selected columns and rows, and returns them as a new, small object; the
+caller fetches that. So a worker that needs 2 columns of a shard holding 10 does not pull the
+other 8 over the network (a plain `ray.get` transfers the whole object, then unpickles every text
+column). When all of a part's shards are already on the caller's node (or small), the default
+(`cut="auto"`) fetches them directly instead: tensor columns are then mapped from shared memory
+without a copy, and the task round trip (~5-10 ms on a loaded 2-core box) costs more than it
+saves; only text columns of such shards are unpickled needlessly. `cut="always"` forces the task,
+`cut="never"` is the old path (whole shards fetched, cut here), kept as the reference;
+benchmarks/select_columns.py measures bytes and time of both.
+
+Why not store shards column-wise (one object per column, so a select fetches only those refs)?
+Shards are the return values of worker endpoints and tasks (`(batch, num_rows)` per rank, see
+tidal/controller/dispatch.py), so column-wise storage would change every producer and the
+collect path, and multiply the objects per step by the number of columns; the task keeps the
+change inside this module.
 """
 
 from __future__ import annotations
@@ -68,6 +87,48 @@ def shard_spans(shard_sizes: Sequence[int], start: int, stop: int) -> list[tuple
         if lo < hi:
             spans.append((i, lo - off, hi - off))
     return spans
+
+
+def _cut(shard: Batch, index: int, num_rows: int, lo: int, hi: int, keys: Sequence[str] | None) -> Batch:
+    """Rows [lo, hi) and the columns `keys` (None: all; absent ones skipped) of one fetched shard."""
+    if len(shard) != num_rows:
+        raise RuntimeError(f"shard {index} holds {len(shard)} rows but was recorded with {num_rows}")
+    if keys is not None:
+        shard = shard.select(*[k for k in keys if k in shard])
+    return shard if (lo, hi) == (0, len(shard)) else shard.slice(lo, hi)
+
+
+def _join_part(slices: list[Batch]) -> Batch:
+    return slices[0] if len(slices) == 1 else Batch.concat(slices)
+
+
+# Below this size a whole shard costs less to fetch than a task round trip (a few ms) to cut it.
+SMALL_SHARD_BYTES = 64 * 1024
+
+
+def _near(refs: list[ray.ObjectRef]) -> dict[ray.ObjectRef, bool]:
+    """Whether each object is cheap to fetch whole: held on this node, or small (size known).
+
+    One query to the owners (well under a millisecond locally); an object not yet made, spilled,
+    or only on other nodes is not near.
+    """
+    here = ray.get_runtime_context().get_node_id()
+    found = ray.experimental.get_object_locations(refs)
+    return {
+        ref: here in (loc.get("node_ids") or [])
+        or (loc.get("object_size") is not None and loc["object_size"] <= SMALL_SHARD_BYTES)
+        for ref, loc in found.items()
+    }
+
+
+@ray.remote(num_cpus=0)
+def _cut_part(keys: tuple[str, ...], spans: list[tuple[int, int, int, int]], *shards: Batch) -> Batch:
+    """Runs next to the shards: only the selected columns of the wanted rows go back to the caller.
+
+    `spans` holds (shard index, recorded rows, local start, local stop) per shard in `shards`;
+    Ray resolves the shard references (top-level arguments) on this task's node.
+    """
+    return _join_part([_cut(s, i, n, lo, hi, keys) for s, (i, n, lo, hi) in zip(shards, spans)])
 
 
 class DistributedBatch:
@@ -135,11 +196,14 @@ class DistributedBatch:
             self.parts + other.parts, self.part_keys + other.part_keys, self.required + other.required
         )
 
-    def select(self, *keys: str) -> DistributedBatch:
-        """Keep only `keys` when materialised. Lazy: nothing is fetched now, missing keys raise then."""
-        narrowed = [
-            tuple(keys) if old is None else tuple(k for k in keys if k in old) for old in self.part_keys
-        ]
+    def select(self, *keys: str, optional: Sequence[str] = ()) -> DistributedBatch:
+        """Keep only `keys` (and those of `optional` that some part has) when materialised.
+
+        Lazy: nothing is fetched now; a missing key of `keys` raises then, a missing optional one
+        is just absent from the result.
+        """
+        wanted = tuple(keys) + tuple(k for k in optional if k not in keys)
+        narrowed = [wanted if old is None else tuple(k for k in wanted if k in old) for old in self.part_keys]
         return DistributedBatch(self.parts, narrowed, keys)
 
     def row_ranges(self, num_chunks: int) -> list[tuple[int, int]]:
@@ -147,28 +211,50 @@ class DistributedBatch:
         return row_ranges(self._num_rows, num_chunks)
 
     # ------------------------------------------------------------------ payload (worker side)
-    def materialize(self, start: int, stop: int) -> Batch:
-        """Rows [start, stop) as a local Batch, fetching only the shards that overlap them."""
+    def materialize(self, start: int, stop: int, cut: str = "auto") -> Batch:
+        """Rows [start, stop) as a local Batch, fetching only the shards that overlap them.
+
+        `cut` says where a part narrowed by `select` is cut to its columns: "auto" next to its
+        shards (`_cut_part`) unless they are all on this node (mapped zero-copy, so a task round
+        trip costs more than it saves) or small; "always" next to them; "never" here, after
+        fetching whole shards (the old path, kept as the reference). Parts not narrowed are
+        always fetched whole.
+        """
+        if cut not in ("auto", "always", "never"):
+            raise ValueError(f"cut must be 'auto', 'always' or 'never', got {cut!r}")
         # Parts that a select emptied are not fetched at all (unless nothing else is left).
         active = [i for i, keys in enumerate(self.part_keys) if keys != ()] or [0]
         parts = [self.parts[i] for i in active]
+        keys_of = [self.part_keys[i] for i in active]
         plans = [shard_spans([s.num_rows for s in part], start, stop) for part in parts]
-        refs = [part[i].ref for part, spans in zip(parts, plans) for i, _, _ in spans]
-        fetched = iter(ray.get(refs))  # one call: the shards are pulled in parallel
+        remote = [cut != "never" and keys is not None for keys in keys_of]
+        if cut == "auto" and any(remote):
+            candidates = [
+                part[i].ref for part, spans, r in zip(parts, plans, remote) if r for i, _, _ in spans
+            ]
+            near = _near(candidates)
+            remote = [
+                r and not all(near[part[i].ref] for i, _, _ in spans)
+                for part, spans, r in zip(parts, plans, remote)
+            ]
+        refs = []
+        for part, spans, keys, is_cut in zip(parts, plans, keys_of, remote):
+            if is_cut:
+                cut_spans = [(i, part[i].num_rows, lo, hi) for i, lo, hi in spans]
+                refs.append(_cut_part.remote(keys, cut_spans, *[part[i].ref for i, _, _ in spans]))
+            else:
+                refs.extend(part[i].ref for i, _, _ in spans)
+        fetched = iter(ray.get(refs))  # one call: the shards (or their cuts) are pulled in parallel
         pieces = []
-        for part, spans, keys in zip(parts, plans, [self.part_keys[i] for i in active]):
-            slices = []
-            for i, lo, hi in spans:
-                shard = next(fetched)
-                if len(shard) != part[i].num_rows:
-                    raise RuntimeError(
-                        f"shard {i} holds {len(shard)} rows but was recorded with {part[i].num_rows}"
+        for part, spans, keys, is_cut in zip(parts, plans, keys_of, remote):
+            if is_cut:
+                pieces.append(next(fetched))
+            else:
+                pieces.append(
+                    _join_part(
+                        [_cut(next(fetched), i, part[i].num_rows, lo, hi, keys) for i, lo, hi in spans]
                     )
-                slices.append(shard if (lo, hi) == (0, len(shard)) else shard.slice(lo, hi))
-            piece = slices[0] if len(slices) == 1 else Batch.concat(slices)
-            if keys is not None:
-                piece = piece.select(*[k for k in keys if k in piece])
-            pieces.append(piece)
+                )
         kept = [p for p in pieces if p.keys()] or pieces[:1]
         joined = kept[0]
         for piece in kept[1:]:

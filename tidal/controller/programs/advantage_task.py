@@ -45,12 +45,19 @@ OPTIONAL_INPUTS = (
     "sum_pi_squared",
     "reward_components",
 )
+# Every column the task reads: the advantage stage ships only these (`stages.advantages` selects
+# them), and `compute_advantages` narrows its batch to them first, so a read of any other column
+# fails in the unit tests rather than in a run. ref_log_probs: the KL in the reward;
+# rollout_log_probs: the off-policy correction and the log-prob gap metric.
+REQUIRED_COLUMNS = ("response_mask", "uid", "token_rewards")
+OPTIONAL_COLUMNS = (*OPTIONAL_INPUTS, "ref_log_probs", "rollout_log_probs")
 
 
 def compute_advantages(
     batch: Batch, cfg: JobConfig, kl_coef: float, step: int
 ) -> tuple[Batch, list[bool] | None, dict[str, float]]:
     """(new columns, rows to keep or None for all, metrics) for one step's batch."""
+    batch = batch.select(*REQUIRED_COLUMNS, *(key for key in OPTIONAL_COLUMNS if key in batch))
     alg = cfg.algorithm
     plugins = configured_plugins(cfg, step)
     mask = batch["response_mask"].float()

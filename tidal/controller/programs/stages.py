@@ -177,9 +177,14 @@ def advantages(job: Job, batch: DistributedBatch, step: int) -> tuple[Distribute
     Adds advantages, returns (and pg_mask / is_weights when configured); drops the rows that
     `algorithm.sample_selection` does not keep.
     """
-    from tidal.controller.programs.advantage_task import compute_advantages
+    from tidal.controller.programs.advantage_task import (
+        OPTIONAL_COLUMNS,
+        REQUIRED_COLUMNS,
+        compute_advantages,
+    )
 
-    adv, keep, metrics = job.run_task(compute_advantages, batch, job.cfg, job.kl_ctrl_state(), step)
+    inputs = batch.select(*REQUIRED_COLUMNS, optional=OPTIONAL_COLUMNS)  # only what the task reads
+    adv, keep, metrics = job.run_task(compute_advantages, inputs, job.cfg, job.kl_ctrl_state(), step)
     if "kl/in_reward" in metrics:
         job.update_kl_ctrl(metrics["kl/in_reward"], len(batch))
     batch = batch.union(adv)
