@@ -3,11 +3,15 @@ groups, versions, capacity, clear, checkpoint), with hypothesis property tests."
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tidal.dataflow.store.index import StoreIndex
+from tidal.dataflow.store.controller import ControllerCore
+from tidal.dataflow.store.index import StoreIndex, StoreTimeout
 from tidal.dataflow.store.samplers import SAMPLERS, SampleMeta, get_sampler
 
 TASKS = ("reward", "logprob", "train")
@@ -222,3 +226,70 @@ def test_every_sample_consumed_exactly_once_per_task_and_capacity_holds(ops, cap
         assert sorted(taken[task]) == sorted(admitted), task
     assert index.samples == {} and index.unfinished == 0
     assert index.counters["cleared"] == len(admitted)
+
+
+# ---------------------------------------------------------------------------------- controller waits
+class FakeUnit:
+    """Stands in for a storage unit: `gather` answers a token instead of a ref, `free` records."""
+
+    def __init__(self):
+        self.freed = []
+        self.gather = SimpleNamespace(remote=lambda rows, fields: ("gathered", tuple(rows), tuple(fields)))
+        self.free = SimpleNamespace(remote=self.freed.extend)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    producers=st.integers(2, 5), chunks=st.integers(1, 4), chunk=st.integers(1, 3),
+    spare=st.integers(0, 3), n=st.integers(1, 4),
+)
+def test_capacity_never_exceeded_under_concurrent_producers(producers, chunks, chunk, spare, n):
+    """Producers and two consumers as concurrent coroutines on the controller's own waiting logic.
+
+    The capacity is the smallest that cannot deadlock (largest take + largest put - 1) plus spare.
+    """
+    capacity = n + chunk - 1 + spare
+    unit = FakeUnit()
+    core = ControllerCore(("a", "b"), capacity, [unit])
+    total = producers * chunks * chunk
+    taken = {"a": [], "b": []}
+
+    async def produce(p):
+        for c in range(chunks):
+            ids = [(p, c, k) for k in range(chunk)]
+            await core.admit(f"p{p}", [SampleMeta(i) for i in ids], timeout_s=5)
+            assert core.index.unfinished <= capacity
+            await asyncio.sleep(0)  # let others run between admission and commit
+            await core.commit(ids, ["x"], [(0, f"{p}-{c}", k) for k in range(chunk)], None)
+
+    async def consume(task):
+        while len(taken[task]) < total:
+            batch, shares, stale, _ = await core.take(task, ["x"], min(n, total - len(taken[task])), "fifo", 1, None, 5)
+            assert len(batch) == len(shares[0]) and not stale
+            taken[task] += shares[0]
+
+    async def main():
+        await asyncio.gather(*[produce(p) for p in range(producers)], consume("a"), consume("b"))
+
+    asyncio.run(main())
+    everything = sorted((p, c, k) for p in range(producers) for c in range(chunks) for k in range(chunk))
+    assert sorted(taken["a"]) == everything and sorted(taken["b"]) == everything
+    assert core.index.counters["peak_unfinished"] <= capacity and core.index.samples == {}
+    assert len(unit.freed) == total
+
+
+def test_controller_timeouts_name_the_producer_and_the_task():
+    core = ControllerCore(("a", "b"), 2, [FakeUnit()])
+
+    async def main():
+        await core.admit("gen-0", [SampleMeta(0), SampleMeta(1)], timeout_s=1)
+        with pytest.raises(StoreTimeout, match=r"producer 'gen-1'.*capacity 2.*'a': 2, 'b': 2"):
+            await core.admit("gen-1", [SampleMeta(2)], timeout_s=0.05)
+        with pytest.raises(ValueError, match="never fit"):
+            await core.admit("gen-1", [SampleMeta(i) for i in range(3, 6)], timeout_s=0.05)
+        with pytest.raises(StoreTimeout, match=r"task 'a'.*\['x'\].*'x': 2"):
+            await core.take("a", ["x"], 1, "fifo", 1, None, 0.05)
+        with pytest.raises(ValueError, match="can never be served"):
+            await core.take("a", ["x"], 3, "fifo", 1, None, 0.05)
+
+    asyncio.run(main())

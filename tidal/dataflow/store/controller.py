@@ -22,12 +22,15 @@ from tidal.dataflow.distributed_batch import DistributedBatch, Shard
 from tidal.dataflow.store.index import Location, StoreIndex, StoreTimeout, TakePlan
 from tidal.dataflow.store.samplers import SampleId, SampleMeta
 
-__all__ = ["StoreController", "StoreTimeout"]
+__all__ = ["ControllerCore", "StoreController", "StoreTimeout"]
 
 
-@ray.remote(num_cpus=0)
-class StoreController:
-    """The one metadata actor of a StreamStore (async: see the module docstring for why)."""
+class ControllerCore:
+    """The metadata actor's logic as a plain class (`StoreController` is it as an async Ray actor).
+
+    Kept undecorated so that its waiting logic (backpressure, take) runs under plain asyncio in
+    the unit tests, with stand-in storage units, without starting Ray.
+    """
 
     def __init__(self, tasks: Sequence[str], capacity: int, units: Sequence[Any], auto_clear: bool = True):
         self.index = StoreIndex(tasks, capacity, auto_clear)
@@ -78,6 +81,8 @@ class StoreController:
         min_version: int | None, timeout_s: float,
     ) -> tuple[DistributedBatch, list[list[SampleId]], list[SampleId], list[int | None]]:
         """Block until `n` samples can be served, consume them, return their rows by reference."""
+        if n > self.index.capacity:
+            raise ValueError(f"task {task!r}: a take of {n} can never be served by a store of capacity {self.index.capacity}")
         cond = self._condition()
         async with cond:
             stale: list[SampleId] = []
@@ -87,9 +92,9 @@ class StoreController:
                 plan = self.index.take(task, fields, n, sampler, num_ranks, min_version)
                 stale.extend(plan.stale)
                 plans.append(plan)
-                if plan.shares is None:
-                    self._free(plan.freed)  # stale refusals may finish samples
-                    cond.notify_all()
+                if plan.shares is None and plan.stale:
+                    self._free(plan.freed)  # refusals may finish samples: room for producers
+                    cond.notify_all()  # (only then: waking the other waiters for nothing would spin)
                 return plan.shares is not None
 
             await self._wait(served, timeout_s, lambda: (
@@ -151,3 +156,6 @@ class StoreController:
         async with cond:
             self.index.load_state_dict(state)
             cond.notify_all()
+
+
+StoreController = ray.remote(num_cpus=0)(ControllerCore)

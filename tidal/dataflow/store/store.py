@@ -10,6 +10,9 @@ Backpressure: the first put of a sample *admits* it, and admission waits while t
 `capacity` samples that some task has not consumed yet (`StoreTimeout` after `timeout_s`, naming
 the producer, the capacity and what each task still has to consume). A take waits for `n` ready
 samples the same way. Both waits happen inside the async controller actor (see controller.py).
+Size `capacity` to at least the largest take's `n` plus the largest put minus one: with less, a
+full store can hold too few samples for a take while the put that would complete it waits for
+room, and both time out (a take of more than `capacity` is refused at once).
 
 Checkpoint: `state_dict()` holds the index (ids, groups, lengths, versions, per-task consumption,
 counters) *and* the payloads of every sample not yet cleared, so a resumed job continues with the
@@ -145,7 +148,11 @@ class StreamStore:
         unit, chunk_id = random.randrange(len(self.units)), uuid.uuid4().hex
         _get(self.units[unit].put.remote(chunk_id, batch))
         locations = [(unit, chunk_id, row) for row in range(n)]
-        _get(self.controller.commit.remote(ids, batch.keys(), locations, vers))
+        try:
+            _get(self.controller.commit.remote(ids, batch.keys(), locations, vers))
+        except Exception:
+            self.units[unit].free.remote([(chunk_id, row) for row in range(n)])  # do not leak the chunk
+            raise
 
     def take(
         self,
