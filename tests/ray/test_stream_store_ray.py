@@ -3,6 +3,7 @@ under backpressure, timeouts that name what they wait for, staleness, checkpoint
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -78,6 +79,45 @@ def test_min_version_refuses_and_reports(store):
     got = store.take("train", ["tokens"], 2, min_version=2)
     assert got.stale == [1] and got.ids == [0, 2] and got.versions == [3, 3]
     assert store.take("reward", ["tokens"], 3).ids == [0, 1, 2]  # staleness is per task
+
+
+DRIVER_PID = os.getpid()
+
+
+def _unpickle_poison(driver_pid: int) -> Poison:
+    if os.getpid() == driver_pid:
+        raise RuntimeError("a payload was unpickled in the driver")
+    return Poison()
+
+
+class Poison:
+    """A payload value that cannot be unpickled in the driver process (elsewhere it stays a Poison)."""
+
+    def __reduce__(self):
+        return _unpickle_poison, (DRIVER_PID,)
+
+
+@ray.remote(num_cpus=1)
+def put_poison(store: StreamStore, ids: list[int]) -> None:
+    batch = rows(ids)
+    batch["poison"] = [Poison() for _ in ids]
+    store.put(ids, batch, producer="remote")
+
+
+@ray.remote(num_cpus=1)
+def consume_rank(got, rank: int) -> tuple[list[int], list[str]]:
+    share = got.for_rank(rank)
+    return share["tokens"][:, 0].tolist(), [type(p).__name__ for p in share["poison"]]
+
+
+def test_payloads_go_producer_to_unit_to_consumer_never_through_the_driver(store):
+    ray.get(put_poison.remote(store, [10, 11, 12, 13]))
+    got = store.take("train", ["tokens", "poison"], 4, num_ranks=2)  # the driver holds only refs
+    shares = ray.get([consume_rank.remote(got, r) for r in range(2)])
+    assert shares == [([10, 11], ["Poison"] * 2), ([12, 13], ["Poison"] * 2)]
+    with pytest.raises(Exception, match="unpickled in the driver"):  # the poison is live
+        got.fetch()
+    assert store.take("reward", ["tokens"], 4).ids == [10, 11, 12, 13]
 
 
 @ray.remote(num_cpus=1)
