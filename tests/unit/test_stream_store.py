@@ -118,6 +118,10 @@ def test_readiness_needs_every_field_and_consumption_is_per_task():
     assert index.take("train", ["response"], 1).shares == [[2]]
     with pytest.raises(ValueError, match="already produced"):
         index.commit([0], ["reward"], [loc(0)])
+    put(index, [SampleMeta(5)], fields=("prompt",))
+    with pytest.raises(ValueError, match="already produced"):
+        index.commit([5, 0], ["reward"], [loc(5), loc(0)])
+    assert "reward" not in index.samples[5].fields  # a refused commit changes nothing
     with pytest.raises(KeyError, match="never admitted"):
         index.commit([99], ["reward"], [loc(0)])
     with pytest.raises(ValueError, match="unknown task"):

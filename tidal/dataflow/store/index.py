@@ -86,11 +86,12 @@ class StoreIndex:
         unknown = [i for i in ids if i not in self.samples]
         if unknown:
             raise KeyError(f"samples {unknown[:5]} were never admitted (or were already cleared)")
-        for k, sid in enumerate(ids):
-            sample = self.samples[sid]
-            twice = [f for f in fields if f in sample.fields]
+        for sid in ids:  # validate all first: a refused commit changes nothing
+            twice = [f for f in fields if f in self.samples[sid].fields]
             if twice:
                 raise ValueError(f"fields {twice} of sample {sid!r} were already produced")
+        for k, sid in enumerate(ids):
+            sample = self.samples[sid]
             for f in fields:
                 sample.fields[f] = locations[k]
             v = None if versions is None else versions[k]
