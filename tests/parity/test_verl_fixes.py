@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from parity_cases import holey_mask
 
 from tidal.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, aggregate_loss
 from tidal.config.algorithm import AlgorithmConfig
@@ -20,16 +21,6 @@ from verl.workers.config.actor import PolicyLossConfig  # noqa: E402
 
 TOL = {"rtol": 1e-6, "atol": 1e-6}
 MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean")
-
-
-def holey_mask(g: torch.Generator, rows: int, cols: int) -> torch.Tensor:
-    """Ragged rows with interior holes (tool observations), one all-masked row."""
-    mask = (torch.rand(rows, cols, generator=g) > 0.3).double()
-    lengths = torch.randint(1, cols + 1, (rows,), generator=g)
-    mask *= (torch.arange(cols) < lengths.unsqueeze(1)).double()
-    mask[0] = 0.0
-    mask[1, 0] = 1.0
-    return mask
 
 
 def verl_actor(**fields) -> VerlActorConfig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from parity_cases import holey_mask
 
 from tidal.algorithms import POLICY_LOSSES
 from tidal.config.schema import ActorConfig
@@ -23,21 +24,11 @@ VERL_FNS = {
 }
 
 
-def holey_mask(g: torch.Generator, rows: int, cols: int) -> torch.Tensor:
-    """Ragged rows with interior holes, row 0 all masked, row 1 starting with a valid token."""
-    mask = (torch.rand(rows, cols, generator=g) > 0.25).double()
-    lengths = torch.randint(1, cols + 1, (rows,), generator=g)
-    mask *= (torch.arange(cols) < lengths.unsqueeze(1)).double()
-    mask[0] = 0.0
-    mask[1, 0] = 1.0
-    return mask
-
-
 def random_case(seed: int, rows: int = 10, cols: int = 12):
     """Old probabilities spread over (0, 1) and large moves, so that tokens leave DPPO's trust region
     in both directions and ratios pass the truncation cap."""
     g = torch.Generator().manual_seed(seed)
-    mask = holey_mask(g, rows, cols)
+    mask = holey_mask(g, rows, cols, hole_share=0.25)
     old = torch.log(torch.rand(rows, cols, generator=g, dtype=torch.float64).clamp(min=0.02))
     new = old + 0.8 * torch.randn(rows, cols, generator=g, dtype=torch.float64)
     new = new.clamp(max=-1e-3)  # a probability above 1 is not a probability
