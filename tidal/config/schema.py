@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 
 from tidal.config.algorithm import AlgorithmConfig, KLControlConfig  # noqa: F401  (re-exported)
 from tidal.config.base import StrictModel
+from tidal.config.streaming import StreamingConfig, TrainerMode
 
 # --------------------------------------------------------------------------------------- model
 
@@ -396,6 +397,18 @@ class TrainerConfig(StrictModel):
         description="a fresh run (resume=false) in an output_dir holding an earlier run deletes that "
         "run's checkpoints and metrics first; without it such a run is refused",
     )
+    mode: TrainerMode = Field(
+        "sync",
+        description="sync: generate, score, update, sync weights, one step at a time; streaming: rollout "
+        "and training overlap on separate pools through the streaming store (docs/streaming.md)",
+    )
+    max_staleness: int = Field(
+        1,
+        ge=0,
+        description="streaming: a trained sample's oldest token comes from a policy at most this many "
+        "versions behind the trainer (0 reproduces sync mode)",
+    )
+    streaming: StreamingConfig = StreamingConfig()
 
 
 class LoggingConfig(StrictModel):
@@ -512,12 +525,42 @@ class JobConfig(StrictModel):
                     f"set algorithm.preference.type (dpo, simpo or redi) or remove data.{pair_keys[0]}"
                 )
         self._check_reference_responses()
-        if self.rollout.pool != self.actor.pool:
-            raise ValueError(
-                f"rollout.pool={self.rollout.pool!r} differs from actor.pool={self.actor.pool!r}; "
-                "this release syncs weights in-process only, so colocate them (same pool)"
-            )
+        self._check_mode()
         return self
+
+    def _check_mode(self) -> None:
+        """Sync mode colocates actor and rollout; streaming runs them on separate pools."""
+        actor_pool, rollout_pool = self.actor.pool, self.rollout.pool
+        if self.trainer.mode == "sync":
+            if rollout_pool != actor_pool:
+                raise ValueError(
+                    f"rollout.pool={rollout_pool!r} differs from actor.pool={actor_pool!r}; sync mode "
+                    "syncs weights in-process, so colocate them (same pool) or set trainer.mode=streaming"
+                )
+            if "streaming" in self.trainer.model_fields_set:
+                raise ValueError(
+                    "trainer.streaming is set but trainer.mode=sync never reads it; "
+                    "set trainer.mode=streaming or remove trainer.streaming"
+                )
+            return
+        if self.algorithm.preference is not None:
+            raise ValueError(
+                f"trainer.mode=streaming but algorithm.preference.type={self.algorithm.preference.type} "
+                "trains offline on fixed pairs (nothing to stream); set trainer.mode=sync"
+            )
+        if rollout_pool == actor_pool:
+            raise ValueError(
+                f"trainer.mode=streaming runs rollout and training side by side, but rollout.pool and "
+                f"actor.pool are both {actor_pool!r}; define a second pool (resources.pools.rollout) "
+                "and set rollout.pool=rollout"
+            )
+        for role in ("critic", "reference"):
+            enabled = self.critic_enabled if role == "critic" else self.reference_enabled
+            if enabled and getattr(self, role).pool == rollout_pool:
+                raise ValueError(
+                    f"{role}.pool={rollout_pool!r} is the rollout's pool; in streaming mode the rollout "
+                    f"pool only generates: set {role}.pool={actor_pool!r}"
+                )
 
     def _check_reference_responses(self) -> None:
         """PAR's data baseline and data.reference_response_key go together, and need data files."""
