@@ -6,6 +6,14 @@ rank's shards, a Megatron rank's TP/PP shards), no gather, no copy. An engine of
 parameters, which the sync writes in place. Every process of the group calls
 `Resharder.sync(source, target)` at the same time (colocated: each process holds both).
 
+Disaggregated (a trainer pool and a separate engine pool, joined by a `BridgeGroup`): a trainer
+process holds only its source (`sync(source, None)`), an engine process only its target
+(`sync(None, target)`). Each side lacks half of what the plan needs (the trainer has no target
+spec, the engine no source layout), so every sync starts with one small all-gather in which each
+process says what it holds; the plan is then the same cached one on every process, and each runs
+only its own sends or receives. Nothing is local in that layout: every target byte crosses the
+wire exactly once (the plan's lower bound).
+
 The first sync for a pair of layouts agrees, with one all-gather, on which process holds which
 source and target rank (the placement), gets the plan (pure and cached: `get_plan`) and builds the
 executor; later syncs reuse both and only move bytes. No tensor is cached: sources are read and
@@ -13,23 +21,26 @@ targets written at each sync, so a sync after the weights changed moves the new 
 
 Transport: a group of one process needs no exchange: every rectangle is a local copy
 (`LocalTransport.single`), i.e. exactly one copy from the trainer's memory into the engine's.
-Otherwise torch.distributed point-to-point on the group (gloo on CPU, NCCL on GPU); what a process
-already holds is still copied locally, the rest crosses the wire once.
+Otherwise torch.distributed point-to-point on the group (gloo on CPU, NCCL on GPU), or the same on
+a `BridgeGroup`'s own backends; what a process already holds is still copied locally, the rest
+crosses the wire once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from tidal.resharding.bridge_group import BridgeGroup
 from tidal.resharding.executor import ReshardExecutor, SyncStats
 from tidal.resharding.layout import ParallelLayout
 from tidal.resharding.planner import Placement, get_plan
 from tidal.resharding.spec import Spec
-from tidal.resharding.transports import LocalTransport, TorchP2PTransport, Transport
+from tidal.resharding.transports import BridgeP2PTransport, LocalTransport, TorchP2PTransport, Transport
 
 NamedTensors = Iterator[tuple[str, torch.Tensor]]
 # Smaller than the planner's default: with two buckets in flight the link stays busy anyway, and a
@@ -82,6 +93,20 @@ class WeightTarget:
     rank: int
     tensors: Mapping[str, torch.Tensor]
 
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+
+class _Held(NamedTuple):
+    """What one process of a disaggregated sync holds, and what it knows of its side's layout."""
+
+    src_rank: int | None
+    dst_rank: int | None
+    src: tuple[ParallelLayout, torch.dtype] | None  # the trainer's layout and the dtype it holds
+    dst: tuple[Spec, ParallelLayout] | None  # the engine's tensors and layout
+    device_type: str
+
 
 class Resharder:
     """This process's resharder; keeps one executor per (spec, layouts, ranks, dtype, device).
@@ -95,7 +120,7 @@ class Resharder:
 
     def __init__(
         self,
-        group: dist.ProcessGroup | None = None,
+        group: dist.ProcessGroup | BridgeGroup | None = None,
         bucket_bytes: int = DEFAULT_SYNC_BUCKET_BYTES,
         verify: bool = False,
     ):
@@ -113,8 +138,13 @@ class Resharder:
         """The executor of the last sync (its plan and report), None before the first."""
         return self._executor
 
-    def sync(self, source: WeightSource, target: WeightTarget) -> SyncStats:
-        """Write `source`'s weights, resharded, into `target`; every process of the group calls it."""
+    def sync(self, source: WeightSource | None, target: WeightTarget | None) -> SyncStats:
+        """Write `source`'s weights, resharded, into `target`; every process of the group calls it.
+
+        A process that holds one side only (disaggregated pools) passes None for the other.
+        """
+        if source is None or target is None:
+            return self._sync_one_side(source, target)
         src_dtype, device = source.dtype, source.device
         key = (target.spec, source.layout, target.layout, source.rank, target.rank, src_dtype, device)
         if key != self._key:
@@ -129,12 +159,69 @@ class Resharder:
                 {source.rank: source.tensors}, {target.rank: target.tensors}, verify=self.verify
             )
 
+    def _sync_one_side(self, source: WeightSource | None, target: WeightTarget | None) -> SyncStats:
+        """A trainer process's sends (target=None) or an engine process's receives (source=None)."""
+        if source is None and target is None:
+            raise ValueError("Resharder.sync needs a source, a target or both; both are None")
+        device = source.device if source is not None else target.device
+        spec, src_layout, dst_layout, placement, src_dtype = self._agree(source, target, device)
+        key = (spec, src_layout, dst_layout, placement, src_dtype, device)
+        if key != self._key:
+            transport = self._transport_on(device)
+            plan = get_plan(spec, src_layout, dst_layout, placement, self.bucket_bytes)
+            self._executor = ReshardExecutor(plan, transport, src_dtype=src_dtype)
+            self._key = key
+        assert self._executor is not None
+        sources = {} if source is None else {source.rank: source.tensors}
+        targets = {} if target is None else {target.rank: target.tensors}
+        with torch.no_grad():
+            return self._executor.sync(sources, targets, verify=self.verify)
+
+    def _agree(
+        self, source: WeightSource | None, target: WeightTarget | None, device: torch.device
+    ) -> tuple[Spec, ParallelLayout, ParallelLayout, Placement, torch.dtype]:
+        """One all-gather: the spec, both layouts, the source dtype and the placement, as every process
+        holding a side describes it; they must agree."""
+        mine = _Held(
+            None if source is None else source.rank,
+            None if target is None else target.rank,
+            None if source is None else (source.layout, source.dtype),
+            None if target is None else (target.spec, target.layout),
+            device.type,
+        )
+        held: list[_Held] = self._all_gather(mine)
+        srcs = _one([h.src for h in held], "trainer (source) layout and dtype")
+        dsts = _one([h.dst for h in held], "engine (target) spec and layout")
+        _one([h.device_type for h in held], "device type")
+        (src_layout, src_dtype), (spec, dst_layout) = srcs, dsts
+        src_devices = _devices([h.src_rank for h in held], src_layout, "source")
+        dst_devices = _devices([h.dst_rank for h in held], dst_layout, "target")
+        return spec, src_layout, dst_layout, Placement(src_devices, dst_devices), src_dtype
+
+    def _all_gather(self, obj: Any) -> list[Any]:
+        if isinstance(self.group, BridgeGroup):
+            return self.group.all_gather_object(obj)
+        if self._world_size() == 1:
+            return [obj]
+        out = [None] * self._world_size()
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def _world_size(self) -> int:
+        if isinstance(self.group, BridgeGroup):
+            return self.group.world_size
         return dist.get_world_size(self.group) if dist.is_initialized() else 1
 
     def _transport_on(self, device: torch.device) -> Transport:
         if self._transport is None or self._transport.device != device:
-            if self._world_size() == 1:
+            if isinstance(self.group, BridgeGroup):
+                if self.group.device != device:
+                    raise ValueError(
+                        f"the weights are on {device} but the bridge group moves buffers on "
+                        f"{self.group.device}; build the BridgeGroup on the weights' device"
+                    )
+                self._transport = BridgeP2PTransport(self.group)
+            elif self._world_size() == 1:
                 self._transport = LocalTransport.single(device)
             else:
                 self._transport = TorchP2PTransport(self.group, device=device)
@@ -142,23 +229,35 @@ class Resharder:
 
     def _placement(self, source: WeightSource, target: WeightTarget) -> Placement:
         """Which process holds which source and target rank: every process says what it holds."""
-        held = [(source.rank, target.rank)]
-        if self._world_size() > 1:
-            held = [None] * self._world_size()
-            dist.all_gather_object(held, (source.rank, target.rank), group=self.group)
+        held = self._all_gather((source.rank, target.rank))
         src_devices = _devices([s for s, _ in held], source.layout, "source")
         dst_devices = _devices([d for _, d in held], target.layout, "target")
         return Placement(src_devices, dst_devices)
 
 
-def _devices(ranks: list[int], layout: ParallelLayout, what: str) -> tuple[int, ...]:
-    """The device of each rank of `layout`, from the rank each device holds."""
-    if sorted(ranks) != list(range(layout.world_size)):
+def _devices(ranks: list[int | None], layout: ParallelLayout, what: str) -> tuple[int, ...]:
+    """The device of each rank of `layout`, from the rank each device holds (None: none of them)."""
+    held = [r for r in ranks if r is not None]
+    if sorted(held) != list(range(layout.world_size)):
         raise ValueError(
-            f"the processes hold {what} ranks {ranks} (one per process, by process), but {layout} has "
+            f"the processes hold {what} ranks {ranks} (by process; None: none), but {layout} has "
             f"ranks 0..{layout.world_size - 1}: each must be held by exactly one process"
         )
     devices = [0] * layout.world_size
     for device, rank in enumerate(ranks):
-        devices[rank] = device
+        if rank is not None:
+            devices[rank] = device
     return tuple(devices)
+
+
+def _one(values: list[Any], what: str) -> Any:
+    """The one value the processes that hold a side give (None: a process without that side)."""
+    given = [v for v in values if v is not None]
+    if not given:
+        raise ValueError(f"no process of the sync holds the {what}: one side of the sync is missing")
+    if any(v != given[0] for v in given):
+        raise ValueError(
+            f"the processes of one sync disagree on the {what}: {sorted(set(map(str, given)))}; "
+            "every rank of a side must describe the same model and layout"
+        )
+    return given[0]

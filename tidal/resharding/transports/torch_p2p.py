@@ -50,25 +50,41 @@ class TorchP2PTransport(Transport):
                 f"this group's backend is {self.backend!r}"
             )
         super().__init__(dist.get_rank(group), dist.get_world_size(group), device)
-        self._sent: defaultdict[int, int] = defaultdict(int)  # messages posted to each peer so far
-        self._received: defaultdict[int, int] = defaultdict(int)  # ... and from each peer
+        self._tags = MessageTags()
         if device.type == "cuda":
             # NCCL creates its communicator lazily, and a first batched p2p call that only some ranks
             # join would hang (torch's documented caveat): make the first call a collective of all.
             dist.barrier(group=group, device_ids=[device.index])
 
     def _start(self, sends: Buffers, recvs: Buffers) -> Pending:
-        # Each message gets the count of messages posted before it between the same pair in the same
-        # direction as its tag. Both ends count alike, so gloo, which matches messages by (peer, tag),
-        # pairs them right even with two calls in flight; NCCL ignores tags and keeps issue order.
-        ops = []
-        for op, buffers, counts in ((dist.isend, sends, self._sent), (dist.irecv, recvs, self._received)):
-            for peer, bufs in sorted(buffers.items()):
-                for buf in bufs:
-                    if buf.numel():
-                        tag = counts[peer] % _TAG_WRAP
-                        counts[peer] += 1
-                        ops.append(dist.P2POp(op, buf, group=self.group, tag=tag, group_peer=peer))
+        ops = [
+            dist.P2POp(dist.isend if send else dist.irecv, buf, group=self.group, tag=tag, group_peer=peer)
+            for send, buf, peer, tag in self._tags.ops(sends, recvs)
+        ]
         if not ops:
             return Done()
         return Works(dist.batch_isend_irecv(ops))
+
+
+class MessageTags:
+    """Tags for the messages of a point-to-point transport, counted per peer and direction.
+
+    Each message gets the count of messages posted before it between the same pair in the same
+    direction as its tag. Both ends count alike, so gloo, which matches messages by (peer, tag),
+    pairs them right even with two calls in flight; NCCL ignores tags and keeps issue order.
+    """
+
+    def __init__(self) -> None:
+        self._sent: defaultdict[int, int] = defaultdict(int)  # messages posted to each peer so far
+        self._received: defaultdict[int, int] = defaultdict(int)  # ... and from each peer
+
+    def ops(self, sends: Buffers, recvs: Buffers) -> list[tuple[bool, torch.Tensor, int, int]]:
+        """(is a send, buffer, peer, tag) for every non-empty buffer: sends first, peers in order."""
+        out = []
+        for is_send, buffers, counts in ((True, sends, self._sent), (False, recvs, self._received)):
+            for peer, bufs in sorted(buffers.items()):
+                for buf in bufs:
+                    if buf.numel():
+                        out.append((is_send, buf, peer, counts[peer] % _TAG_WRAP))
+                        counts[peer] += 1
+        return out
