@@ -297,3 +297,25 @@ def test_controller_timeouts_name_the_producer_and_the_task():
             await core.take("a", ["x"], 3, "fifo", 1, None, 0.05)
 
     asyncio.run(main())
+
+
+def test_partial_take_serves_the_oldest_whole_groups_up_to_n():
+    index = StoreIndex(TASKS, capacity=100)
+    metas = grouped([3, 3, 3])
+    put(index, metas[:7])  # groups 0 and 1 complete, group 2 has 1 of 3
+    plan = index.take("reward", ["x"], 5, "group", partial=True)  # only one whole group fits in 5
+    assert plan.shares == [[0, 1, 2]]
+    plan = index.take("reward", ["x"], 9, "group", partial=True)
+    assert plan.shares == [[3, 4, 5]]  # group 2 is not complete
+    assert index.take("reward", ["x"], 9, "group", partial=True).shares is None
+    assert index.counters["taken/reward"] == 6
+
+
+def test_all_fields_serves_every_column_fields_only_decide_readiness():
+    index = StoreIndex(TASKS, capacity=10)
+    metas = grouped([2])
+    put(index, metas, fields=("x",))
+    index.commit([0, 1], ["y"], [(0, "d", 0), (0, "d", 1)])
+    plan = index.take("train", ["y"], 2, "group", all_fields=True)
+    assert plan.locations[0] == {"x": loc(0), "y": (0, "d", 0)}
+    assert index.take("logprob", ["y"], 2, "group").locations[1] == {"y": (0, "d", 1)}

@@ -554,6 +554,18 @@ class JobConfig(StrictModel):
                 f"actor.pool are both {actor_pool!r}; define a second pool (resources.pools.rollout) "
                 "and set rollout.pool=rollout"
             )
+        if self.algorithm.needs_reward_baselines:
+            raise ValueError(
+                "trainer.mode=streaming cannot score reward baselines (ReMax, PAR): they need the current "
+                "policy's greedy responses at training time, which the streaming rollout does not make; "
+                "use a group estimator (grpo, rloo, ...) or trainer.mode=sync"
+            )
+        if self.trainer.streaming.schedule == "deterministic" and self.algorithm.dynamic_sampling is not None:
+            raise ValueError(
+                "trainer.streaming.schedule=deterministic generates each step's batch once, but "
+                "algorithm.dynamic_sampling refills steps with more rounds; use trainer.streaming.schedule=free "
+                "(dynamic sampling works there) or remove algorithm.dynamic_sampling"
+            )
         for role in ("critic", "reference"):
             enabled = self.critic_enabled if role == "critic" else self.reference_enabled
             if enabled and getattr(self, role).pool == rollout_pool:

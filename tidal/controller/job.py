@@ -26,6 +26,22 @@ from tidal.observability.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
 
+STREAM_STATE_FILE = "stream.pkl"  # streaming mode: store contents, requests in flight, counters
+
+
+def _pickle_save(obj: Any, path: Path) -> None:
+    import pickle
+
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _pickle_load(path: Path) -> Any:
+    import pickle
+
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
 
 def role_classes(cfg: JobConfig) -> dict[str, type]:
     """Enabled roles in build order (the rollout after the actor it copies weights from)."""
@@ -62,6 +78,9 @@ class Job:
         self.val_pairs: Batch | None = None  # held-out preference pairs (preference jobs)
         self._role_pool: dict[str, str] = {}
         self._cluster = None  # the local Ray cluster this job started, if it started one
+        # trainer.mode=streaming: the StreamingSource that feeds the loop (streaming/runner.py)
+        self.stream: Any = None
+        self.stream_resume: dict[str, Any] | None = None  # its checkpointed state, loaded on start
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -125,9 +144,12 @@ class Job:
 
     # ------------------------------------------------------------------ role handles
     def _role(self, name: str) -> Any:
-        if name not in self._role_pool:
-            raise AttributeError(f"role {name!r} is not enabled in this job")
-        return self.groups[self._role_pool[name]].role(name)
+        return self.group_of(name).role(name)
+
+    def group_of(self, role: str) -> WorkerGroup:
+        if role not in self._role_pool:
+            raise AttributeError(f"role {role!r} is not enabled in this job")
+        return self.groups[self._role_pool[role]]
 
     @property
     def actor(self) -> Any:
@@ -167,6 +189,10 @@ class Job:
         if "rollout" not in self._role_pool:  # preference training without a generating eval
             self.version = version
             return {}
+        if self.stream is not None:  # streaming: to the rollout pool, through the weight bridge
+            metrics = self.stream.sync_weights(version)
+            self.version = version
+            return metrics
         metrics = self.groups[self._role_pool["actor"]].sync_weights("actor", "rollout", version)
         self.version = version
         return metrics
@@ -182,11 +208,16 @@ class Job:
         path = self.checkpoints.begin(step)
         for role in self._trained_roles():
             self._role(role).save_checkpoint(str(path / role))
+        loader_state = self.train_loader.state_dict()
+        if self.stream is not None:  # the store, what is in flight, and the rollout's own loader position
+            stream_state = self.stream.state_dict()
+            loader_state = stream_state["loader"]
+            _pickle_save(stream_state, path / STREAM_STATE_FILE)
         self.checkpoints.finish(
             step,
             {
                 "step": step,
-                "loader": self.train_loader.state_dict(),
+                "loader": loader_state,
                 "kl_coef": self.kl_ctrl.value,
                 # What resume checks the config against (run_dir.check_resumable).
                 "fingerprint": config_fingerprint(self.cfg),
@@ -213,6 +244,8 @@ class Job:
         for role in self._trained_roles():
             self._role(role).load_checkpoint(str(path / role))
         self.train_loader.load_state_dict(state["loader"])
+        if (path / STREAM_STATE_FILE).exists():
+            self.stream_resume = _pickle_load(path / STREAM_STATE_FILE)
         self.kl_ctrl.value = state["kl_coef"]
         self.run_id = self.checkpoints.run_id = state["run_id"]  # the same run goes on
         log.info("resumed from %s (step %d)", path, step)

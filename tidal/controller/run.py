@@ -9,9 +9,11 @@ from tidal.checkpoint.run_dir import prepare_output_dir
 from tidal.config.schema import JobConfig
 from tidal.controller.job import Job
 from tidal.controller.preflight import preflight
-from tidal.controller.programs.grpo import run_grpo
-from tidal.controller.programs.ppo import run_ppo
+from tidal.controller.programs.grpo import grpo_step
+from tidal.controller.programs.loop import run_steps
+from tidal.controller.programs.ppo import ppo_step
 from tidal.controller.programs.preference import run_preference
+from tidal.controller.streaming.runner import run_streaming
 
 
 def train(cfg: JobConfig) -> dict[str, Any]:
@@ -26,10 +28,12 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     job = Job.start(cfg, run_id)
     try:
         if cfg.algorithm.preference is not None:
-            program = run_preference  # offline pairs: DPO, SimPO, REDI
+            final = run_preference(job)  # offline pairs: DPO, SimPO, REDI
         else:
-            program = run_ppo if cfg.critic_enabled else run_grpo
-        final = program(job)
+            step = ppo_step if cfg.critic_enabled else grpo_step
+            # The same program in both modes; streaming only changes where batches come from.
+            runner = run_streaming if cfg.trainer.mode == "streaming" else run_steps
+            final = runner(job, step)
     finally:
         plot = job.shutdown()
     return {

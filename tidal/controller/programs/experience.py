@@ -75,6 +75,8 @@ def sample(job: Job, step: int) -> tuple[DistributedBatch, Batch, dict[str, floa
     then cover every generated sample, not only the kept ones. Samples dropped for a failed reward
     are gone before the filter sees the round.
     """
+    if job.stream is not None:  # streaming mode: scored groups from the store (controller/streaming/)
+        return job.stream.sample(job, step)
     settings = job.cfg.algorithm.dynamic_sampling
     if settings is None:
         prompts = job.train_loader.next_batch()

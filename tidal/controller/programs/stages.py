@@ -26,17 +26,22 @@ if TYPE_CHECKING:
 _LOGGED_REWARD_ERRORS: weakref.WeakKeyDictionary[Job, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
 
 
-def generate(job: Job, prompts: Batch, step: int, attempt: int = 0) -> DistributedBatch:
+def generate(
+    job: Job, prompts: Batch, step: int, attempt: int = 0, policy_version: int | None = None
+) -> DistributedBatch:
     """prompts x n -> responses, response masks, behaviour log-probs, policy version.
 
     `attempt` numbers the generation rounds of one step (dynamic sampling), each with its own seed.
+    `policy_version` stamps the samples (default: the job's version; the streaming runner passes
+    the version its rollout pool holds).
     The data's reference responses (PAR baseline=data) stay with the prompts: every sample would
     otherwise carry its prompt's copy through the step.
     """
     seed = job.cfg.trainer.seed * 100_003 + step + attempt * 1_000_003
     if "reference_responses" in prompts:
         prompts = prompts.select(*(key for key in prompts.keys() if key != "reference_responses"))
-    return job.rollout.generate(prompts, seed=seed, policy_version=job.version)
+    version = job.version if policy_version is None else policy_version
+    return job.rollout.generate(prompts, seed=seed, policy_version=version)
 
 
 def score(job: Job, batch: DistributedBatch) -> tuple[DistributedBatch, dict[str, float]]:
@@ -55,13 +60,18 @@ def score_with_errors(
     job: Job, batch: DistributedBatch
 ) -> tuple[DistributedBatch, dict[str, float], str | None]:
     """`score` plus the first error of the batch as a sentence (None when no reward failed)."""
+    rewards, metrics, first_error = rewards_of(job, batch)
+    return batch.union(rewards), metrics, first_error
+
+
+def rewards_of(job: Job, batch: DistributedBatch) -> tuple[DistributedBatch, dict[str, float], str | None]:
+    """The reward columns of `batch` (by reference, not joined to it), metrics and the first error."""
     from tidal.workers.rewards import custom, scorer
 
     logged = _LOGGED_REWARD_ERRORS.setdefault(job, set())
     combination = job.cfg.algorithm.reward_combination
     if combination is None:
-        rewards, metrics, first_error = scorer.score_with_errors(batch, job.cfg.reward, logged=logged)
-        return batch.union(rewards), metrics, first_error
+        return scorer.score_with_errors(batch, job.cfg.reward, logged=logged)
     parts, metrics, first_error = [], {}, None
     for name in combination.components:
         part, part_metrics, part_error = scorer.score_with_errors(
@@ -73,7 +83,7 @@ def score_with_errors(
     rewards, combined = job.run_task(
         batch_tasks.combine_rewards, batch.select("response_mask"), parts, job.cfg
     )
-    return batch.union(rewards), metrics | combined, first_error
+    return rewards, metrics | combined, first_error
 
 
 def score_samples(job: Job, batch: DistributedBatch) -> tuple[DistributedBatch, dict[str, float]]:
@@ -90,10 +100,19 @@ def score_samples(job: Job, batch: DistributedBatch) -> tuple[DistributedBatch, 
     (reward/num_errors, reward/num_timeouts, reward/error_share); reward/num_dropped counts the
     samples removed. More than `reward.max_error_share` failed stops the run (RewardFailureError).
     """
-    from tidal.workers.rewards.scorer import check_error_share
-
     num_samples = len(batch)
     batch, metrics, first_error = score_with_errors(job, batch)
+    return drop_failed(job, batch, metrics, first_error, num_samples)
+
+
+def drop_failed(
+    job: Job, batch: DistributedBatch, metrics: dict[str, float], first_error: str | None, num_samples: int
+) -> tuple[DistributedBatch, dict[str, float]]:
+    """The second half of `score_samples` for a scored batch: stop on too many failures (counted
+    over `num_samples`), else drop per `reward.on_error`; adds reward/num_dropped."""
+    from tidal.workers.rewards.scorer import check_error_share
+
+    metrics = dict(metrics)
     check_error_share(metrics["reward/num_errors"], num_samples, first_error, job.cfg.reward, "sample")
     metrics["reward/num_dropped"] = 0.0
     if metrics["reward/num_errors"] == 0 or job.cfg.reward.on_error == "score":

@@ -78,9 +78,11 @@ class ControllerCore:
 
     async def take(
         self, task: str, fields: list[str], n: int, sampler: str, num_ranks: int,
-        min_version: int | None, timeout_s: float,
+        min_version: int | None, timeout_s: float, all_fields: bool = False, partial: bool = False,
     ) -> tuple[DistributedBatch, list[list[SampleId]], list[SampleId], list[int | None]]:
         """Block until `n` samples can be served, consume them, return their rows by reference."""
+        if partial:
+            n = min(n, self.index.capacity)
         if n > self.index.capacity:
             raise ValueError(f"task {task!r}: a take of {n} can never be served by a store of capacity {self.index.capacity}")
         cond = self._condition()
@@ -89,7 +91,7 @@ class ControllerCore:
             plans: list[TakePlan] = []
 
             def served() -> bool:
-                plan = self.index.take(task, fields, n, sampler, num_ranks, min_version)
+                plan = self.index.take(task, fields, n, sampler, num_ranks, min_version, all_fields, partial)
                 stale.extend(plan.stale)
                 plans.append(plan)
                 if plan.shares is None and plan.stale:
@@ -103,6 +105,8 @@ class ControllerCore:
             ))
             plan = plans[-1]
             ids = [i for share in plan.shares for i in share]
+            if all_fields:
+                fields = _common_fields(ids, plan.locations, task)
             batch = self._gather(ids, fields, plan.locations)
             self._free(plan.freed)  # after the gathers: a unit runs our calls in order
             cond.notify_all()  # consumption may have made room for producers
@@ -156,6 +160,18 @@ class ControllerCore:
         async with cond:
             self.index.load_state_dict(state)
             cond.notify_all()
+
+
+def _common_fields(ids: list[SampleId], locs: dict[SampleId, dict[str, Location]], task: str) -> list[str]:
+    """The fields every taken sample has, which must be all of each one's (one batch, one set of columns)."""
+    fields = list(locs[ids[0]])
+    for sid in ids[1:]:
+        if set(locs[sid]) != set(fields):
+            raise ValueError(
+                f"task {task!r} took every field, but sample {sid!r} has {sorted(locs[sid])} and "
+                f"{ids[0]!r} has {sorted(fields)}; producers must store the same columns for all samples"
+            )
+    return fields
 
 
 StoreController = ray.remote(num_cpus=0)(ControllerCore)

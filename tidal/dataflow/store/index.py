@@ -109,13 +109,15 @@ class StoreIndex:
 
     def take(
         self, task: str, fields: Sequence[str], n: int, sampler: str = "fifo", num_ranks: int = 1,
-        min_version: int | None = None,
+        min_version: int | None = None, all_fields: bool = False, partial: bool = False,
     ) -> TakePlan:
         """Choose and consume `n` ready samples for `task`, or consume nothing (`shares` None).
 
         Samples older than `min_version` are refused: marked consumed by this task (so they do not
         block it or the store) and reported in `stale`. Whole-group samplers judge a complete group
-        by its oldest member and refuse it whole.
+        by its oldest member and refuse it whole. `all_fields`: serve every field the chosen
+        samples have (they must have the same ones), `fields` only deciding readiness. `partial`:
+        take up to `n` (whole groups, oldest first) as soon as at least one unit is ready.
         """
         spec = get_sampler(sampler)
         ready = self.ready(task, fields)
@@ -128,7 +130,9 @@ class StoreIndex:
             if stale:
                 gone = set(stale)
                 ready = [m for m in ready if m.id not in gone]
-        shares = spec(ready, n, num_ranks)
+        if partial:
+            n = _servable(ready, n, spec.whole_groups)
+        shares = spec(ready, n, num_ranks) if n > 0 else None
         chosen = list(stale) + ([i for share in shares for i in share] if shares is not None else [])
         self.counters["stale"] += len(stale)
         for sid in chosen:
@@ -139,7 +143,7 @@ class StoreIndex:
             for share in shares:
                 for sid in share:
                     sample = self.samples[sid]
-                    plan.locations[sid] = {f: sample.fields[f] for f in fields}
+                    plan.locations[sid] = dict(sample.fields) if all_fields else {f: sample.fields[f] for f in fields}
                     plan.versions.append(sample.meta.version)
         plan.freed = self.clear() if self.auto_clear else []
         return plan
@@ -197,3 +201,15 @@ class StoreIndex:
             for sid, meta, fields, consumed in state["samples"]
         }
         self.unfinished = sum(len(s.consumed) < len(self.tasks) for s in self.samples.values())
+
+
+def _servable(ready: Sequence[SampleMeta], n: int, whole_groups: bool) -> int:
+    """The most samples, up to `n`, that the oldest ready units make up (0: none ready)."""
+    if not whole_groups:
+        return min(n, len(ready))
+    total = 0
+    for unit in complete_groups(ready):
+        if total + len(unit) > n:
+            break
+        total += len(unit)
+    return total

@@ -19,6 +19,7 @@ from typing import Any
 import ray
 
 from tidal.dataflow.batch import Batch
+from tidal.dataflow.distributed_batch import DistributedBatch
 
 
 @ray.remote(num_cpus=0)
@@ -33,6 +34,13 @@ class StorageUnit:
         self.chunks[chunk_id] = Batch(batch.tensors, batch.non_tensors)  # meta is not per-sample data
         self.live[chunk_id] = set(range(len(batch)))
         return len(batch)
+
+    def put_distributed(self, chunk_id: str, batch: DistributedBatch) -> list[str]:
+        """Store rows that live in the object store (a stage's output), fetched here rather than by
+        the caller; returns their columns (the caller never saw them)."""
+        rows = batch.fetch()
+        self.put(chunk_id, rows)
+        return rows.keys()
 
     def gather(self, rows: Sequence[tuple[str, int]], fields: Sequence[str]) -> Batch:
         """Rows (chunk id, row) in the given order, restricted to `fields`, as one new Batch."""

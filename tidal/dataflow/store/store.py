@@ -111,7 +111,7 @@ class StreamStore:
     def put(
         self,
         sample_ids: Sequence[SampleId],
-        columns: Batch | dict[str, Any],
+        columns: Batch | DistributedBatch | dict[str, Any],
         *,
         groups: Sequence[Hashable] | None = None,
         group_size: int | Sequence[int] = 1,
@@ -123,18 +123,21 @@ class StreamStore:
         """Store `columns` (row k belongs to `sample_ids[k]`); blocks while the store is full.
 
         New ids are admitted (with their group, group size and length); known ids just gain the
-        fields (e.g. a reward for existing responses). A field may be produced once per sample.
+        fields (e.g. a reward for existing responses). A DistributedBatch (a stage's output, rows
+        by reference) is fetched by the storage unit itself, never by this process; give its
+        `lengths` and `versions` explicitly (they are not read from its columns here). A field may be produced once per sample.
         `versions` defaults to a `version` column when there is one; per-token versions count
         by their minimum. `lengths` defaults to the row sums of an `attention_mask` column.
         """
-        batch = _as_batch(columns)
+        remote = isinstance(columns, DistributedBatch)
+        batch = columns if remote else _as_batch(columns)
         ids, n = list(sample_ids), len(batch)
         if len(ids) != n or len(set(ids)) != n:
             raise ValueError(f"need {n} distinct sample ids for {n} rows, got {len(ids)} ({len(set(ids))} distinct)")
-        if versions is None and "version" in batch:
+        if versions is None and not remote and "version" in batch:
             versions = batch["version"]
         vers = None if versions is None else _per_sample_min(versions, n)
-        if lengths is None and "attention_mask" in batch:
+        if lengths is None and not remote and "attention_mask" in batch:
             lengths = batch["attention_mask"].reshape(n, -1).sum(dim=1).tolist()
         sizes = [group_size] * n if isinstance(group_size, int) else list(group_size)
         metas = [
@@ -146,10 +149,14 @@ class StreamStore:
         ]
         _get(self.controller.admit.remote(producer, metas, timeout_s))
         unit, chunk_id = random.randrange(len(self.units)), uuid.uuid4().hex
-        _get(self.units[unit].put.remote(chunk_id, batch))
+        if remote:  # the unit fetches the rows from where they were produced
+            keys = _get(self.units[unit].put_distributed.remote(chunk_id, batch))
+        else:
+            _get(self.units[unit].put.remote(chunk_id, batch))
+            keys = batch.keys()
         locations = [(unit, chunk_id, row) for row in range(n)]
         try:
-            _get(self.controller.commit.remote(ids, batch.keys(), locations, vers))
+            _get(self.controller.commit.remote(ids, keys, locations, vers))
         except Exception:
             self.units[unit].free.remote([(chunk_id, row) for row in range(n)])  # do not leak the chunk
             raise
@@ -164,14 +171,20 @@ class StreamStore:
         num_ranks: int = 1,
         min_version: int | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        all_fields: bool = False,
+        partial: bool = False,
     ) -> TakeResult:
         """`n` samples ready for `task` (all `fields` produced, not yet consumed by it), now consumed.
 
         Blocks until the sampler can serve `n`. Samples older than `min_version` are refused and
-        reported in `TakeResult.stale` (they count as consumed by this task).
+        reported in `TakeResult.stale` (they count as consumed by this task). `all_fields`: the
+        batch holds every column the samples have, not only `fields`. `partial`: up to `n`, served
+        as soon as one sample (or whole group, for group samplers) is ready.
         """
         batch, shares, stale, versions = _get(
-            self.controller.take.remote(task, list(fields), n, sampler, num_ranks, min_version, timeout_s)
+            self.controller.take.remote(
+                task, list(fields), n, sampler, num_ranks, min_version, timeout_s, all_fields, partial
+            )
         )
         return TakeResult(batch, shares, stale, versions)
 

@@ -1,0 +1,56 @@
+"""`trainer.mode: streaming`: the sync loop and programs, fed by the streaming store.
+
+Sets up what streaming adds to a job (the store, the weight bridge from the trainer's pool to the
+rollout pool, the StreamingSource with its rollout and reward threads), attaches it to the job,
+runs the very same `run_steps(job, step_fn)` the sync mode runs, and takes it all down again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from tidal.controller.programs.loop import StepFn, run_steps
+from tidal.controller.streaming.reward_stage import REWARD_TASK
+from tidal.controller.streaming.source import TRAIN_TASK, StreamingSource
+
+if TYPE_CHECKING:
+    from tidal.controller.job import Job
+
+log = logging.getLogger(__name__)
+
+
+def store_capacity(job: Job) -> int:
+    """Samples the store must be able to hold so that no producer ever blocks on it.
+
+    Admission keeps at most (max_staleness + 1) train batches generated ahead of the trainer; one
+    more covers a batch being taken while the next is stored (deterministic schedule) and the
+    requests in flight when a take gives budget back.
+    """
+    cfg = job.cfg
+    return (cfg.trainer.max_staleness + 3) * cfg.sizes.samples_per_step
+
+
+def run_streaming(job: Job, step_fn: StepFn) -> dict[str, float]:
+    from tidal.controller.weight_bridge import WeightBridge
+    from tidal.dataflow.store.store import StreamStore
+
+    cfg = job.cfg
+    if cfg.trainer.max_staleness > 0 and cfg.algorithm.off_policy is None:
+        log.warning(
+            "trainer.max_staleness=%d trains on samples up to %d policy versions old without an off-policy "
+            "correction; consider algorithm.off_policy (decoupled PPO / truncated IS, docs/streaming.md)",
+            cfg.trainer.max_staleness,
+            cfg.trainer.max_staleness,
+        )
+    store = StreamStore([REWARD_TASK, TRAIN_TASK], capacity=store_capacity(job))
+    bridge = WeightBridge(job.group_of("actor"), "actor", job.group_of("rollout"), "rollout", cfg)
+    source = StreamingSource(job, store, bridge)
+    job.stream = source
+    try:
+        return run_steps(job, step_fn)
+    finally:
+        job.stream = None
+        source.stop()
+        bridge.close()
+        store.shutdown()
