@@ -7,6 +7,11 @@ The WorkerGroup creates one Worker per bundle of its pool's placement group, the
 3. the controller calls role endpoints through `execute`, which turns object references and
    DistributedBatch arguments into this rank's local data before the role sees them.
 
+Weights move between roles of one process (`sync_weights`, colocated), or between pools over a
+bridge group that the controller's WeightBridge builds (`bridge_store`, `bridge_init`) and
+drives (`send_weights` on the trainer pool, `receive_weights` on the engine pool); the reference
+path beside it ships full tensors through the object store (`gather_weights`, `load_full_weights`).
+
 Roles never know they run under Ray: they get plain Batches and a WorkerContext.
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -22,6 +28,8 @@ import torch.distributed as dist
 
 from tidal.dataflow.batch import Batch
 from tidal.dataflow.distributed_batch import DistributedBatch
+from tidal.resharding import disaggregated
+from tidal.resharding.bridge_group import BridgeGroup
 from tidal.resharding.colocated import sync_weights
 from tidal.workers.context import WorkerContext
 from tidal.workers.endpoint import Collect, Dispatch, EndpointSpec, endpoint_spec
@@ -39,6 +47,8 @@ class Worker:
         self.ctx: WorkerContext | None = None
         self._store: dist.TCPStore | None = None
         self._roles: dict[str, Any] = {}
+        self._bridge_stores: dict[str, dist.TCPStore] = {}  # served by this rank, by bridge name
+        self._bridges: dict[str, disaggregated.BridgeEnd] = {}
 
     # ------------------------------------------------------------------ start-up
     def create_store(self) -> tuple[str, int]:
@@ -126,7 +136,86 @@ class Worker:
         src, dst = self._role(src_role), self._role(dst_role)
         return sync_weights(src.export_weights(), dst.load_weights, version)
 
+    # ------------------------------------------------------------------ weights between pools
+    def bridge_store(self, name: str, world_size: int, timeout_s: float) -> tuple[str, int]:
+        """Serve the rendezvous of bridge `name` (this rank becomes its rank 0); return (host, port)."""
+        if name in self._bridge_stores or name in self._bridges:
+            raise ValueError(f"this worker already serves or joined a bridge named {name!r}; close it first")
+        host = ray.util.get_node_ip_address()
+        self._bridge_stores[name] = dist.TCPStore(
+            host,
+            0,
+            world_size,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        return host, self._bridge_stores[name].port
+
+    def bridge_init(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        num_sources: int,
+        timeout_s: float,
+        bucket_bytes: int,
+        verify: bool = False,
+    ) -> None:
+        """Join bridge `name` as its rank `rank` (trainer ranks first); returns once every rank has."""
+        if name in self._bridges:
+            raise ValueError(f"this worker already joined a bridge named {name!r}; close it first")
+        device = self._context().device
+        group = BridgeGroup.join(
+            host,
+            port,
+            rank,
+            world_size,
+            device,
+            datetime.timedelta(seconds=timeout_s),
+            store=self._bridge_stores.get(name),
+        )
+        self._bridges[name] = disaggregated.BridgeEnd(group, num_sources, bucket_bytes, verify)
+
+    def send_weights(self, name: str, src_role: str, version: int) -> dict[str, float]:
+        """Send `src_role.export_weights()` (this rank's shards) over bridge `name`."""
+        return self._bridge(name).send(self._role(src_role).export_weights(), version)
+
+    def receive_weights(self, name: str, dst_role: str, version: int) -> dict[str, float]:
+        """Receive weights over bridge `name` into `dst_role`'s engine, which serves `version` next."""
+        role, ctx = self._role(dst_role), self._context()
+        write_weights = getattr(role, "write_weights", None) or _write_in_place(role)
+        return self._bridge(name).receive(write_weights, version, ctx.dp_rank, ctx.dp_size)
+
+    def bridge_close(self, name: str) -> None:
+        """Leave bridge `name` (and stop serving its store); idempotent."""
+        bridge = self._bridges.pop(name, None)
+        if bridge is not None:
+            bridge.close()
+        self._bridge_stores.pop(name, None)
+
+    def gather_weights(self, src_role: str) -> dict[str, torch.Tensor] | None:
+        """Reference path: full tensors of `src_role` (a collective of the pool), kept on rank 0."""
+        source = self._role(src_role).export_weights()
+        return disaggregated.gather_full(source, keep=self._context().rank == 0)
+
+    def load_full_weights(
+        self, dst_role: str, weights: dict[str, torch.Tensor], version: int
+    ) -> dict[str, float]:
+        """Reference path: copy full tensors (from `gather_weights`) into `dst_role`'s engine."""
+        role = self._role(dst_role)
+        return disaggregated.load_full(
+            getattr(role, "write_weights", None), role.load_weights, weights, version
+        )
+
     # ------------------------------------------------------------------ helpers
+    def _bridge(self, name: str) -> disaggregated.BridgeEnd:
+        if name not in self._bridges:
+            raise ValueError(f"this worker joined no bridge {name!r}; it joined {sorted(self._bridges)}")
+        return self._bridges[name]
+
     def _context(self) -> WorkerContext:
         if self.ctx is None:
             raise RuntimeError("worker is not set up; WorkerGroup calls setup() before any endpoint")
@@ -153,3 +242,14 @@ class Worker:
                 else:
                     values[i] = value.fetch()
         return tuple(values[: len(args)]), dict(zip(kwargs, values[len(args) :]))
+
+
+def _write_in_place(role: Any) -> disaggregated.WriteWeights:
+    """`write_weights` for a rollout role without it: the engine's in-place write, no pause."""
+
+    def write_weights(write: Callable[[dict[str, torch.Tensor]], Any], version: int) -> Any:
+        result = role.engine.load_weights_in_place(write)
+        role.weights_version = version
+        return result
+
+    return write_weights

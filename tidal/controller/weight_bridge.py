@@ -1,0 +1,171 @@
+"""WeightBridge: a role's weights from a trainer pool into an engine role on another pool.
+
+    bridge = WeightBridge(actor_group, "actor", rollout_group, "rollout", cfg)
+    metrics = bridge.sync(version=step)   # every rollout rank now serves the actor's weights
+    bridge.close()
+
+Two ways to move them (`method`), both calling every rank of both pools at once:
+- "reshard" (the fast path): the pools' workers join one bridge group at construction (trainer
+  ranks first, gloo on CPU, NCCL on GPU; tidal/resharding/bridge_group.py); a sync runs the
+  resharder over it (tidal/resharding/disaggregated.py): each trainer rank sends its own FSDP
+  shards, no gather, and each engine rank receives its full replica straight into its
+  parameters. Every byte an engine rank needs crosses the wire once (the plan's lower bound).
+- "gather" (the reference): the trainer gathers full tensors (a collective of its pool), rank 0
+  ships them through the Ray object store, and every engine rank copies them in by name.
+
+A sync that fails or runs out of time leaves the other side's calls blocked (until the group's
+timeout) and queued: the bridge refuses further syncs; close it and build a new one.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+import ray
+
+from tidal.config.schema import JobConfig
+from tidal.controller.worker_group import WorkerGroup
+
+Method = Literal["reshard", "gather"]
+METHODS = ("reshard", "gather")
+
+
+class WeightBridge:
+    """Moves `src_role`'s weights (on `src_group`) into `dst_role` (on `dst_group`).
+
+    timeout_s bounds joining the bridge group here and each operation of the group afterwards (a
+    rank waiting on a peer that never comes fails after it); cfg.rollout.weight_sync gives the
+    bucket size and the verify option.
+    """
+
+    def __init__(
+        self,
+        src_group: WorkerGroup,
+        src_role: str,
+        dst_group: WorkerGroup,
+        dst_role: str,
+        cfg: JobConfig,
+        *,
+        method: Method = "reshard",
+        timeout_s: float = 300.0,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"WeightBridge method={method!r} is not one of {METHODS}")
+        if src_group is dst_group:
+            raise ValueError(
+                f"WeightBridge joins two pools, but source and target are both pool {src_group.pool.name!r}; "
+                "roles of one pool sync in process: group.sync_weights(src_role, dst_role, version)"
+            )
+        if src_group.device != dst_group.device:
+            raise ValueError(
+                f"pool {src_group.pool.name!r} runs on {src_group.device} and pool {dst_group.pool.name!r} "
+                f"on {dst_group.device}; a bridge moves weights between pools on the same kind of device"
+            )
+        if timeout_s <= 0:
+            raise ValueError(f"WeightBridge timeout_s={timeout_s} must be > 0")
+        src_group.role(src_role), dst_group.role(dst_role)  # raise, naming the roles, if absent
+        self.src_group, self.src_role = src_group, src_role
+        self.dst_group, self.dst_role = dst_group, dst_role
+        self.method = method
+        self.timeout_s = timeout_s
+        self.name = f"{src_role}->{dst_role}-{uuid.uuid4().hex[:8]}"
+        self._broken: str | None = None
+        self._joined = False
+        if method == "reshard":
+            sync = cfg.rollout.weight_sync
+            self._join(int(sync.bucket_mb * (1 << 20)), sync.verify)
+
+    # ------------------------------------------------------------------ sync
+    def sync(self, version: int, timeout_s: float = 300.0) -> dict[str, float]:
+        """Move the weights; every engine rank serves `version` next. Returns `weight_sync/` metrics:
+        bytes (over the wire, all ranks), seconds (this call), reshard_s (the slowest rank's
+        executor), send_s / receive_s (the slowest rank of each side's whole call), and the first
+        engine rank's breakdown (wait_s, unpack_s, ...)."""
+        if self._broken is not None:
+            raise RuntimeError(
+                f"WeightBridge {self.name} is unusable: {self._broken}; close it and build a new one"
+            )
+        start = time.perf_counter()
+        if self.method == "reshard":
+            senders = [
+                w.send_weights.remote(self.name, self.src_role, version) for w in self.src_group.workers
+            ]
+            receivers = [
+                w.receive_weights.remote(self.name, self.dst_role, version) for w in self.dst_group.workers
+            ]
+        else:
+            senders = [w.gather_weights.remote(self.src_role) for w in self.src_group.workers]
+            receivers = [  # Ray hands each rank rank 0's full tensors once they exist
+                w.load_full_weights.remote(self.dst_role, senders[0], version) for w in self.dst_group.workers
+            ]
+        self._wait(senders, receivers, f"syncing version {version}", timeout_s)
+        sent = ray.get(senders) if self.method == "reshard" else []  # gather: the weights themselves
+        return _metrics(sent, ray.get(receivers), version, time.perf_counter() - start)
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Every rank leaves the bridge group; idempotent."""
+        if not self._joined:
+            return
+        self._joined = False
+        self._broken = self._broken or "it is closed"
+        workers = self.src_group.workers + self.dst_group.workers
+        refs = [w.bridge_close.remote(self.name) for w in workers]
+        self._wait(refs[: self.src_group.world_size], refs[self.src_group.world_size :], "closing", timeout_s)
+
+    # ------------------------------------------------------------------ helpers
+    def _join(self, bucket_bytes: int, verify: bool) -> None:
+        workers = self.src_group.workers + self.dst_group.workers
+        world, num_src = len(workers), self.src_group.world_size
+        store = self.src_group.workers[0].bridge_store.remote(self.name, world, self.timeout_s)
+        self._wait([store], [], "opening the bridge's store", self.timeout_s)
+        host, port = ray.get(store)
+        self._joined = True  # from here on, close() has something to release
+        refs = [
+            w.bridge_init.remote(
+                self.name, host, port, rank, world, num_src, self.timeout_s, bucket_bytes, verify
+            )
+            for rank, w in enumerate(workers)
+        ]
+        self._wait(refs[:num_src], refs[num_src:], "joining the bridge group", self.timeout_s)
+
+    def _wait(self, senders: list, receivers: list, what: str, timeout_s: float) -> None:
+        """Wait for every call; raise the first failure at once, or name the ranks still busy at
+        the deadline. Either leaves the bridge unusable (the other calls may still be running)."""
+        labels = {
+            ref: f"{self.src_group.pool.name} rank {i} ({self.src_role})" for i, ref in enumerate(senders)
+        }
+        labels |= {
+            ref: f"{self.dst_group.pool.name} rank {i} ({self.dst_role})" for i, ref in enumerate(receivers)
+        }
+        pending = list(labels)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                busy = ", ".join(labels[ref] for ref in pending)
+                self._broken = f"{busy} did not finish {what} within {timeout_s:g} s"
+                raise TimeoutError(f"WeightBridge {self.name}: {self._broken}")
+            try:
+                ray.get(ready)
+            except Exception as exc:
+                self._broken = f"{labels[ready[0]]} failed {what}"
+                raise RuntimeError(f"WeightBridge {self.name}: {self._broken}: {exc}") from exc
+
+
+def _metrics(
+    sent: list[dict[str, float]], received: list[dict[str, float]], version: int, seconds: float
+) -> dict[str, float]:
+    first = received[0]
+    out = {
+        f"weight_sync/{key}": value for key, value in first.items() if key not in ("seconds", "bytes_sent")
+    }
+    out["weight_sync/bytes"] = sum(m["bytes_received"] for m in received)
+    out["weight_sync/receive_s"] = max(m["seconds"] for m in received)
+    if sent:
+        out["weight_sync/send_s"] = max(m["seconds"] for m in sent)
+        out["weight_sync/reshard_s"] = max(m["reshard_s"] for m in sent + received)
+    out["weight_sync/seconds"] = seconds
+    out["weight_sync/version"] = float(version)
+    return out
