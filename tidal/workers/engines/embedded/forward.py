@@ -5,6 +5,12 @@ Both implement the calls used by the decode loop:
     decode(tokens [B], positions [B]) -> logits [B,V]
     keep(rows [B'])   keep these rows of the cache (drop finished ones, or fan a prompt out to n)
     refresh()         re-read weights after an in-place update
+and, for continuous batching (continuous.py), two more:
+    detach() -> state             hand the batch's cache over (the forward forgets it)
+    join(states, room, num_positions)
+                      the batch becomes the rows of these detached states, in order: caches of
+                      different lengths are right-aligned (the shorter left-padded with masked
+                      slots), with room for `room` more tokens and positions < num_positions
 
 `HFForward` is the plain reference: the model's own forward with a transformers DynamicCache.
 `FastForward` reuses the model's embeddings, norms and rotary table but does the rest itself over
@@ -20,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from tidal.workers.engines.embedded.kv_cache import StaticKVCache
 from tidal.workers.engines.embedded.linear import Linear
@@ -72,6 +79,33 @@ class HFForward:
         assert self.cache is not None and self.mask is not None, "prefill first"
         self.cache.batch_select_indices(rows)
         self.mask = self.mask.index_select(0, rows)
+
+    def detach(self) -> tuple[DynamicCache, torch.Tensor] | None:
+        if self.cache is None or self.mask is None:
+            return None
+        state, self.cache, self.mask = (self.cache, self.mask), None, None
+        return state
+
+    def join(self, states: list[tuple[DynamicCache, torch.Tensor]], room: int, num_positions: int) -> None:
+        """See the module docstring; a DynamicCache grows as it goes, so `room` and positions need nothing."""
+        assert states, "nothing to join"
+        spans = []
+        for cache, mask in states:
+            if any(type(layer) is not DynamicLayer for layer in cache.layers):
+                raise ValueError(
+                    f"continuous batching cannot join caches of {type(self.model).__name__}: its cache "
+                    "has non-full-attention layers (sliding window or recurrent); use EmbeddedEngine.generate"
+                )
+            real = mask.bool().any(dim=0)
+            spans.append((cache, mask, int(real.long().argmax()) if bool(real.any()) else mask.shape[1]))
+        width = max(mask.shape[1] - first for _, mask, first in spans)
+        joined = DynamicCache(config=self.model.config)
+        for index in range(len(states[0][0].layers)):
+            keys = [_pad_left(c.layers[index].keys[:, :, first:], width) for c, _, first in spans]
+            values = [_pad_left(c.layers[index].values[:, :, first:], width) for c, _, first in spans]
+            joined.update(torch.cat(keys), torch.cat(values), index)
+        self.cache = joined
+        self.mask = torch.cat([_pad_left(mask[:, first:], width, dim=1) for _, mask, first in spans])
 
 
 class FastForward:
@@ -212,6 +246,16 @@ class FastForward:
         assert self.cache is not None, "prefill first"
         self.cache.keep(rows)
 
+    def detach(self) -> StaticKVCache | None:
+        cache, self.cache = self.cache, None
+        return cache
+
+    def join(self, states: list[StaticKVCache], room: int, num_positions: int) -> None:
+        """See the module docstring and StaticKVCache.joined."""
+        self.cache = StaticKVCache.joined(states, room)
+        if self.cos is None or self.cos.shape[0] < num_positions:
+            self._build_rope_table(num_positions, self.cache.data.dtype, self.cache.data.device)
+
     # ------------------------------------------------------------------ helpers
 
     @staticmethod
@@ -242,3 +286,13 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def _pad_left(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """Zero-pad `x` on the left along `dim` to `width` (masked slots: zeros keep attention finite)."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)

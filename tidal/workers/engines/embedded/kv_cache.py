@@ -5,6 +5,11 @@ left-padded to a common width, so every row writes its next token to the same sl
 `length` describes the whole batch. Pad slots stay in the cache and are excluded by `key_mask`.
 
 All layers live in one tensor so dropping finished rows (`keep`) is a single index_select.
+
+Continuous batching (continuous.py) joins caches of different lengths with `joined`: each is
+right-aligned at its last filled slot, the shorter ones get masked (zero) slots on the left, and
+slots that are padding in every row are dropped, so the length stays bounded by the longest live
+sequence.
 """
 
 from __future__ import annotations
@@ -55,3 +60,37 @@ class StaticKVCache:
         """Drop every row not in `rows` (indices into the current batch), e.g. finished sequences."""
         self.data = self.data.index_select(2, rows)
         self.key_mask = self.key_mask.index_select(0, rows)
+
+    def first_real_slot(self) -> int:
+        """The first slot that holds a real token in some row (`length` when there is none)."""
+        real = self.key_mask[:, : self.length].any(dim=0)
+        return int(real.long().argmax()) if bool(real.any()) else self.length
+
+    @classmethod
+    def joined(cls, caches: list[StaticKVCache], room: int) -> StaticKVCache:
+        """One cache holding the rows of `caches` in order, with `room` free slots after the filled ones.
+
+        Every cache is right-aligned at its last filled slot (positions are per row, so shifting a
+        row's slots changes nothing) and loses the leading slots that are padding in all its rows.
+        The left padding this adds is zero-filled: masked keys must still be finite numbers, since
+        the decode attention multiplies their zero probabilities by the values.
+        """
+        assert caches, "nothing to join"
+        spans = [(c, c.first_real_slot()) for c in caches]
+        width = max(c.length - first for c, first in spans)
+        first_cache = caches[0]
+        num_layers, _, _, num_kv_heads, _, head_dim = first_cache.data.shape
+        rows = sum(c.data.shape[2] for c in caches)
+        out = cls.__new__(cls)
+        out.data = first_cache.data.new_zeros(num_layers, 2, rows, num_kv_heads, width + room, head_dim)
+        out.key_mask = torch.zeros(rows, width + room, dtype=torch.bool, device=first_cache.key_mask.device)
+        out.length, out.max_len = width, width + room
+        row = 0
+        for c, first in spans:
+            num_rows, span = c.data.shape[2], c.length - first
+            out.data[:, :, row : row + num_rows, :, width - span : width] = c.data[
+                :, :, :, :, first : c.length
+            ]
+            out.key_mask[row : row + num_rows, width - span : width] = c.key_mask[:, first : c.length]
+            row += num_rows
+        return out

@@ -1,0 +1,338 @@
+"""Continuous batching on the embedded engine: requests join and leave the decode batch token by token.
+
+`EmbeddedEngine.generate` is one-shot: a batch of prompts is prefilled together and decoded until
+its last row ends, so a long response holds every slot of its batch until it is done. Here requests
+wait in a queue, and before every decode step as many of them as fit in the free slots
+(`engine.max_batch_size` sequences) are prefilled and their cache rows joined to the running batch
+(forward.py `join`: caches of different lengths are right-aligned, the shorter left-padded with
+masked slots; positions are per row, so the padding shifts nothing). A finished sequence leaves at
+once; a request (a group of `num_samples` sequences sharing one prompt) completes when its last
+sequence does. `generate` stays as it is: it is the reference the tests compare this against.
+
+Weight updates (see streaming.py): the caller stops stepping, writes the weights, sets `version`
+and calls `rebuild`, which re-prefills every in-flight sequence (prompt + the tokens it has) under
+the new weights. Every token records the `version` of the weights whose logits it was drawn from,
+and its log-prob is the one from those logits, so a response may span several versions.
+
+Sampling is per request: each request may carry its own SamplingConfig and torch.Generator, and
+only its own rows are drawn from its generator, so what a request samples depends on its prompt,
+seed and weights, not on which other requests shared the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from tidal.config.schema import SamplingConfig
+from tidal.workers.engines.embedded.engine import EmbeddedEngine
+from tidal.workers.engines.embedded.sampling import sample_next
+
+Status = Literal["done", "truncated", "dropped"]
+StragglerPolicy = Literal["truncate", "drop"]
+
+
+@dataclass
+class Request:
+    """One prompt to sample `num_samples` responses for."""
+
+    rid: Hashable  # unique among the batcher's unfinished requests
+    prompt_ids: torch.Tensor  # [P] int64, the real tokens only (no padding)
+    num_samples: int
+    sampling: SamplingConfig  # `n` is not read: num_samples is
+    stop_token_ids: Sequence[int]  # the complete stop set; the stop token is part of the response
+    generator: torch.Generator | None = None
+    payload: Any = None  # carried to the GroupResult untouched (the role keeps the prompt row here)
+
+
+@dataclass(eq=False)  # compared by identity
+class _Sequence:
+    group: _Group
+    ids: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    done: bool = False
+    truncated: bool = False
+
+
+class _Group:
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.stops = frozenset(int(t) for t in request.stop_token_ids)
+        self.max_new = request.sampling.max_new_tokens
+        self.seqs: list[_Sequence] = []
+        self.num_open = request.num_samples
+        self.started_at: float | None = None
+
+
+@dataclass
+class GroupResult:
+    """A finished request: its sequences in sample order (empty lists when dropped)."""
+
+    request: Request
+    status: Status
+    response_ids: list[list[int]]
+    log_probs: list[list[float]]
+    versions: list[list[int]]  # the weights version that sampled each token
+    truncated: list[bool]  # per sequence: cut by the straggler cap before it ended
+    version_at_finish: int
+
+    @property
+    def min_version(self) -> int:
+        """The oldest version of any token (the current one for a group without tokens)."""
+        return min((min(v) for v in self.versions if v), default=self.version_at_finish)
+
+    @property
+    def num_response_tokens(self) -> int:
+        return sum(len(ids) for ids in self.response_ids)
+
+    def tensors(self, width: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+        """response_ids, response_mask, log_probs, token_versions [n,width] (right-padded) and truncated [n]."""
+        n = len(self.response_ids)
+        longest = max((len(ids) for ids in self.response_ids), default=0)
+        if longest > width:
+            raise ValueError(f"width={width} is shorter than the longest response ({longest} tokens)")
+        out = {
+            "response_ids": torch.full((n, width), pad_token_id, dtype=torch.long),
+            "response_mask": torch.zeros(n, width, dtype=torch.long),
+            "log_probs": torch.zeros(n, width, dtype=torch.float32),
+            "token_versions": torch.zeros(n, width, dtype=torch.long),
+        }
+        for row, (ids, lps, vers) in enumerate(zip(self.response_ids, self.log_probs, self.versions)):
+            length = len(ids)
+            out["response_ids"][row, :length] = torch.tensor(ids, dtype=torch.long)
+            out["response_mask"][row, :length] = 1
+            out["log_probs"][row, :length] = torch.tensor(lps, dtype=torch.float32)
+            out["token_versions"][row, :length] = torch.tensor(vers, dtype=torch.long)
+        out["truncated"] = torch.tensor(self.truncated, dtype=torch.bool)
+        return out
+
+
+class ContinuousBatcher:
+    """The scheduler: a queue of requests and the running batch of one EmbeddedEngine.
+
+    Single-threaded: one thread calls `submit`, `step`, `expire` and `rebuild` (streaming.py puts
+    it behind a thread). `version` is the weights version stamped on the tokens sampled next.
+    """
+
+    def __init__(
+        self, engine: EmbeddedEngine, version: int = 0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.engine = engine
+        self.version = version
+        self.clock = clock
+        self.queue: deque[_Group] = deque()
+        self.running: dict[Hashable, _Group] = {}  # admitted and unfinished, by request id
+        self.rows: list[_Sequence] = []  # the sequences in the batch, in cache row order
+        self.logits: torch.Tensor | None = None  # [B,V] the next token's logits of every row
+        self.next_pos: torch.Tensor | None = None  # [B] position of every row's next token
+        self.num_generated_tokens = 0
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def num_queued(self) -> int:
+        return len(self.queue)
+
+    @property
+    def num_running(self) -> int:
+        """Sequences in the batch."""
+        return len(self.rows)
+
+    def pending_ids(self) -> list[Hashable]:
+        """Request ids not finished: queued, then running."""
+        return [g.request.rid for g in self.queue] + list(self.running)
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError if `request` can never run here (reads no state: any thread may call it)."""
+        prompt = request.prompt_ids
+        if prompt.dim() != 1 or prompt.numel() == 0:
+            raise ValueError(
+                f"request {request.rid!r}: prompt_ids must be a non-empty 1-D tensor, got {tuple(prompt.shape)}"
+            )
+        if not 1 <= request.num_samples <= self.engine.max_batch_size:
+            raise ValueError(
+                f"request {request.rid!r}: num_samples={request.num_samples} must be in "
+                f"[1, max_batch_size={self.engine.max_batch_size}] (a group is decoded together)"
+            )
+
+    def submit(self, request: Request) -> None:
+        self.check(request)
+        if request.rid in self.running or any(g.request.rid == request.rid for g in self.queue):
+            raise ValueError(f"request id {request.rid!r} is already queued or running")
+        self.queue.append(_Group(request))
+
+    # ------------------------------------------------------------------ the decode step
+
+    @torch.no_grad()
+    def step(self, admit: bool = True) -> list[GroupResult]:
+        """Admit queued requests into free slots (unless `admit` is False), sample one token for every
+        running sequence, retire the finished ones and decode the rest; returns completed requests."""
+        if admit:
+            self._admit()
+        if not self.rows:
+            return []
+        tokens, log_probs = self._sample()
+        results, keep = [], []
+        for row, (seq, token, log_prob) in enumerate(zip(self.rows, tokens.tolist(), log_probs.tolist())):
+            seq.ids.append(token)
+            seq.log_probs.append(log_prob)
+            seq.versions.append(self.version)
+            group = seq.group
+            if token in group.stops or len(seq.ids) >= group.max_new:
+                seq.done = True
+                group.num_open -= 1
+                if group.num_open == 0:
+                    results.append(self._finish(group, "done"))
+            else:
+                keep.append(row)
+        self.num_generated_tokens += len(self.rows)
+        tokens = self._keep_rows(keep, tokens)
+        if self.rows:
+            assert self.next_pos is not None
+            self.logits = self.engine.forward.decode(tokens, self.next_pos)
+            self.next_pos = self.next_pos + 1
+        return results
+
+    def expire(self, timeout_s: float, policy: StragglerPolicy) -> list[GroupResult]:
+        """Straggler cap: end every running request admitted more than `timeout_s` ago.
+
+        truncate: its sequences end with the tokens they have (marked truncated), status
+        'truncated'; drop: status 'dropped' and no tokens.
+        """
+        now = self.clock()
+        late = [
+            g for g in self.running.values() if g.started_at is not None and now - g.started_at > timeout_s
+        ]
+        if not late:
+            return []
+        results = []
+        for group in late:
+            if policy == "truncate":
+                for seq in group.seqs:
+                    seq.truncated = not seq.done
+                results.append(self._finish(group, "truncated"))
+            else:
+                results.append(self._finish(group, "dropped"))
+        ended = {id(g) for g in late}
+        self._keep_rows([row for row, seq in enumerate(self.rows) if id(seq.group) not in ended])
+        return results
+
+    @torch.no_grad()
+    def rebuild(self) -> None:
+        """Re-prefill every running sequence (prompt + its tokens so far), e.g. under new weights."""
+        if not self.rows:
+            return
+        sequences = [
+            torch.cat([s.group.request.prompt_ids, torch.tensor(s.ids, dtype=torch.long)]) for s in self.rows
+        ]
+        ids, mask = self._left_pad(sequences)
+        room = max(s.group.max_new - len(s.ids) for s in self.rows)
+        forward = self.engine.forward
+        forward.detach()
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        self.logits = forward.prefill(ids, mask, positions, max_len=ids.shape[1] + room)
+        self.next_pos = mask.long().sum(-1)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _admit(self) -> None:
+        free = self.engine.max_batch_size - len(self.rows)
+        admitted: list[_Group] = []
+        while self.queue and self.queue[0].request.num_samples <= free:
+            group = self.queue.popleft()
+            free -= group.request.num_samples
+            admitted.append(group)
+        if not admitted:
+            return
+        device = self.engine.device
+        ids, mask = self._left_pad([g.request.prompt_ids for g in admitted])
+        forward = self.engine.forward
+        states = [forward.detach()] if self.rows else []
+        logits = forward.prefill(ids, mask, (mask.long().cumsum(-1) - 1).clamp(min=0), max_len=ids.shape[1])
+        counts = torch.tensor([g.request.num_samples for g in admitted], device=device)
+        fan_out = torch.arange(len(admitted), device=device).repeat_interleave(counts)
+        if len(fan_out) != len(admitted):
+            forward.keep(fan_out)
+        states.append(forward.detach())
+        now = self.clock()
+        for group in admitted:
+            group.started_at = now
+            group.seqs = [_Sequence(group) for _ in range(group.request.num_samples)]
+            self.running[group.request.rid] = group
+            self.rows.extend(group.seqs)
+        new_pos = mask.long().sum(-1)[fan_out]
+        self.next_pos = new_pos if self.next_pos is None else torch.cat([self.next_pos, new_pos])
+        new_logits = logits[fan_out]
+        self.logits = new_logits if self.logits is None else torch.cat([self.logits, new_logits])
+        # Slots the batch may still need: no sequence outlives its remaining token budget.
+        room = max(s.group.max_new - len(s.ids) for s in self.rows)
+        forward.join(states, room, int(self.next_pos.max()) + room + 1)
+
+    def _sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draw per row; rows of one request are drawn together from its own generator."""
+        assert self.logits is not None
+        buckets: dict[tuple, list[int]] = {}
+        for row, seq in enumerate(self.rows):
+            request = seq.group.request
+            s = request.sampling
+            key = (
+                s.temperature,
+                s.top_k,
+                s.top_p,
+                None if request.generator is None else id(request.generator),
+            )
+            buckets.setdefault(key, []).append(row)
+        if len(buckets) == 1:
+            (temperature, top_k, top_p, _), _ = next(iter(buckets.items()))
+            return sample_next(self.logits, temperature, top_k, top_p, self.rows[0].group.request.generator)
+        device = self.logits.device
+        tokens = torch.empty(len(self.rows), dtype=torch.long, device=device)
+        log_probs = torch.empty(len(self.rows), dtype=torch.float32, device=device)
+        for (temperature, top_k, top_p, _), rows in buckets.items():
+            idx = torch.tensor(rows, device=device)
+            generator = self.rows[rows[0]].group.request.generator
+            tokens[idx], log_probs[idx] = sample_next(self.logits[idx], temperature, top_k, top_p, generator)
+        return tokens, log_probs
+
+    def _keep_rows(self, keep: list[int], tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Drop every row not in `keep` from the batch and its cache; returns `tokens` of the kept rows."""
+        if len(keep) == len(self.rows):
+            return tokens
+        if not keep:
+            self.engine.forward.detach()
+            self.rows, self.logits, self.next_pos = [], None, None
+            return None
+        assert self.logits is not None and self.next_pos is not None
+        idx = torch.tensor(keep, device=self.logits.device)
+        self.engine.forward.keep(idx)
+        self.rows = [self.rows[row] for row in keep]
+        self.logits, self.next_pos = self.logits[idx], self.next_pos[idx]
+        return None if tokens is None else tokens[idx]
+
+    def _finish(self, group: _Group, status: Status) -> GroupResult:
+        del self.running[group.request.rid]
+        seqs = [] if status == "dropped" else group.seqs
+        return GroupResult(
+            request=group.request,
+            status=status,
+            response_ids=[s.ids for s in seqs],
+            log_probs=[s.log_probs for s in seqs],
+            versions=[s.versions for s in seqs],
+            truncated=[s.truncated for s in seqs],
+            version_at_finish=self.version,
+        )
+
+    def _left_pad(self, sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.engine.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(sequences), width, dtype=torch.bool)
+        for row, seq in enumerate(sequences):
+            ids[row, width - len(seq) :] = seq
+            mask[row, width - len(seq) :] = True
+        return ids.to(self.engine.device), mask.to(self.engine.device)
