@@ -17,10 +17,22 @@ import torch
 from test_embedded_engine import build_model_dir, left_padded_prompts
 from transformers import AutoModelForCausalLM
 
-from tidal.config.schema import SamplingConfig
+from tidal.config.schema import (
+    ArithmeticTask,
+    DataConfig,
+    JobConfig,
+    ModelConfig,
+    RolloutConfig,
+    SamplingConfig,
+)
+from tidal.config.streaming import StreamingConfig
+from tidal.dataflow.batch import Batch
+from tidal.workers.context import WorkerContext
+from tidal.workers.endpoint import Collect, Dispatch, EndpointSpec, endpoint_spec
 from tidal.workers.engines.embedded.continuous import ContinuousBatcher, GroupResult, Request
 from tidal.workers.engines.embedded.engine import EmbeddedEngine
 from tidal.workers.engines.embedded.streaming import StreamingGenerator
+from tidal.workers.roles.rollout import RolloutRole
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
 LONG = SamplingConfig(temperature=0.0, max_new_tokens=40)
@@ -366,3 +378,127 @@ def test_straggler_drop_is_reported_by_poll(model_dir: Path) -> None:
     assert report[:3] == ("slow", 0, "dropped") and "slow" not in sink.results
     assert generator.poll()["dropped_groups"] == 1
     assert generator.stop(timeout_s=10) == []
+
+
+# ---------------------------------------------------------------------------------- the rollout role
+
+
+class RecordingStore:
+    """StreamStore.put's signature; records the calls (the real store: tests/ray/test_rollout_streaming.py)."""
+
+    def __init__(self) -> None:
+        self.puts: list[dict] = []
+
+    def put(self, sample_ids, columns, **kwargs) -> None:
+        self.puts.append({"ids": list(sample_ids), "columns": columns, **kwargs})
+
+
+def make_role(model_dir: Path) -> RolloutRole:
+    cfg = JobConfig(
+        model=ModelConfig(path=str(model_dir)),
+        data=DataConfig(task=ArithmeticTask(), max_prompt_length=16),
+        rollout=RolloutConfig(
+            sampling=SamplingConfig(temperature=0.0, max_new_tokens=12, n=2), max_batch_size=4
+        ),
+    )
+    ctx = WorkerContext(
+        rank=1, world_size=2, dp_rank=1, dp_size=2, device=torch.device("cpu"), backend="gloo"
+    )
+    return RolloutRole(cfg, ctx)
+
+
+def prompt_rows(lengths: list[int], first_uid: int = 0) -> Batch:
+    ids, mask = left_padded_prompts(lengths)
+    uids = [f"q{first_uid + i}" for i in range(len(lengths))]
+    return Batch.from_dict(
+        {"prompt_ids": ids, "prompt_mask": mask, "seed": torch.arange(len(lengths)) + 100},
+        non_tensors={"uid": uids, "ground_truth": [u.upper() for u in uids]},
+    )
+
+
+def poll_role(role: RolloutRole, num_groups: int) -> list:
+    finished, deadline = [], time.monotonic() + 20
+    while len(finished) < num_groups:
+        assert time.monotonic() < deadline, finished
+        finished += role.stream_poll()["finished"]
+        time.sleep(0.005)
+    return finished
+
+
+def test_rollout_role_streams_what_generate_returns_into_the_store(
+    model_dir: Path, new_weights: dict
+) -> None:
+    for name in ("stream_start", "stream_poll", "stream_stop"):
+        assert endpoint_spec(RolloutRole, name) == EndpointSpec(Dispatch.ALL, Collect.LIST)
+    assert endpoint_spec(RolloutRole, "stream_submit") == EndpointSpec(Dispatch.DP_SPLIT, Collect.LIST)
+    role, store = make_role(model_dir), RecordingStore()
+    role.stream_start(store, StreamingConfig(wait_timeout_s=30))
+    batch = prompt_rows([4, 2, 6])
+    assert role.stream_submit(batch) == 3
+    finished = poll_role(role, 3)
+    expected = role.generate(batch)  # while the generator runs: it is paused around the call
+
+    assert sorted(f[0] for f in finished) == ["q0", "q1", "q2"] and all(
+        f[1:4] == (2, "done", 0) for f in finished
+    )
+    assert len(store.puts) == 3
+    for put in store.puts:
+        uid = put["groups"][0]
+        rows = [2 * int(uid[1:]), 2 * int(uid[1:]) + 1]
+        got, want = put["columns"], expected.index(rows)
+        assert (
+            put["ids"] == [f"{uid}/0", f"{uid}/1"] and put["groups"] == [uid, uid] and put["group_size"] == 2
+        )
+        assert put["producer"] == "rollout rank 1" and put["versions"] == [0, 0] and put["timeout_s"] == 30
+        for key in ("response_ids", "response_mask", "rollout_log_probs", "policy_version", "seed"):
+            torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=0)
+        for key in ("uid", "ground_truth", "response_text"):
+            assert list(got[key]) == list(want[key])
+        # Prompts are left-padded to data.max_prompt_length, so groups of any submit concatenate.
+        assert got["prompt_ids"].shape == (2, 16) and torch.equal(
+            got["prompt_ids"][:, -7:], want["prompt_ids"]
+        )
+        assert int(got["prompt_mask"].sum()) == int(want["prompt_mask"].sum())
+        assert torch.equal(got["token_versions"], torch.zeros(2, 12, dtype=torch.long))
+        assert got["truncated"].tolist() == [False, False]
+        assert put["lengths"] == (got["prompt_mask"].sum(-1) + got["response_mask"].sum(-1)).tolist()
+
+    role.load_weights(new_weights.items(), version=2)  # pauses the (idle) generator
+    role.stream_submit(prompt_rows([5], first_uid=3))
+    ((uid, num, status, min_version, _),) = poll_role(role, 1)
+    assert (uid, num, status, min_version) == ("q3", 2, "done", 2)
+    versions = store.puts[-1]["columns"]["token_versions"]
+    assert set(versions[store.puts[-1]["columns"]["response_mask"].bool()].tolist()) == {2}
+    with pytest.raises(ValueError, match="already queued or running"):
+        role.stream_submit(Batch.concat([prompt_rows([3], 7), prompt_rows([3], 7)]))
+    assert role.stream_stop() == []
+    with pytest.raises(RuntimeError, match="rollout rank 1: no streaming generator is running"):
+        role.stream_submit(prompt_rows([3]))
+
+
+def test_rollout_role_write_weights_mid_generation_and_missing_columns(
+    model_dir: Path, new_weights: dict
+) -> None:
+    role, store = make_role(model_dir, max_new_tokens=300), RecordingStore()
+    role.stream_start(store, StreamingConfig(wait_timeout_s=30))
+    with pytest.raises(ValueError, match=r"needs batch columns \['seed'\]"):
+        role.stream_submit(prompt_rows([3]).select("prompt_ids", "prompt_mask", "uid"))
+    role.stop_token_ids = []  # every response runs its 300 tokens: the write lands mid-response
+    role.stream_submit(prompt_rows([4, 2]))
+    while role.streaming.batcher.num_generated_tokens < 8:
+        time.sleep(0.001)
+
+    def write(params: dict[str, torch.Tensor]) -> int:
+        for name, param in params.items():
+            param.copy_(new_weights[name])
+        return len(params)
+
+    assert role.write_weights(write, version=4) == len(dict(role.engine.model.named_parameters()))
+    assert role.weights_version == 4
+    poll_role(role, 2)
+    for put in store.puts:
+        for row in put["columns"]["token_versions"].tolist():
+            switch = row.index(4)
+            assert switch >= 2 and row == [0] * switch + [4] * (300 - switch)
+        assert put["versions"] == [0, 0] and put["columns"]["policy_version"].tolist() == [0, 0]
+    assert role.stream_stop() == []
