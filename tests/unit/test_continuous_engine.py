@@ -393,13 +393,12 @@ class RecordingStore:
         self.puts.append({"ids": list(sample_ids), "columns": columns, **kwargs})
 
 
-def make_role(model_dir: Path) -> RolloutRole:
+def make_role(model_dir: Path, max_new_tokens: int = 12) -> RolloutRole:
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, n=2)
     cfg = JobConfig(
         model=ModelConfig(path=str(model_dir)),
         data=DataConfig(task=ArithmeticTask(), max_prompt_length=16),
-        rollout=RolloutConfig(
-            sampling=SamplingConfig(temperature=0.0, max_new_tokens=12, n=2), max_batch_size=4
-        ),
+        rollout=RolloutConfig(sampling=sampling, max_batch_size=4),
     )
     ctx = WorkerContext(
         rank=1, world_size=2, dp_rank=1, dp_size=2, device=torch.device("cpu"), backend="gloo"
