@@ -14,6 +14,7 @@ runs the real roles' code (`export_weights`, the engine's in-place write).
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 import ray
@@ -72,6 +73,10 @@ class RolloutUnderTest(RolloutRole):
         )
         return out.response_ids[0].tolist()
 
+    @endpoint(Dispatch.RANK_ZERO)
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
     @endpoint(Dispatch.ALL, collect=Collect.LIST)
     def scramble(self) -> None:
         with torch.no_grad():
@@ -111,9 +116,21 @@ def actor(cfg: JobConfig):
     group.shutdown()
 
 
-def _rollout(cfg: JobConfig, num_workers: int) -> WorkerGroup:
-    pool_cfg = cfg.resources.pools["rollout"].model_copy(update={"num_workers": num_workers})
-    return WorkerGroup(ResourcePool("rollout", pool_cfg), {"rollout": RolloutUnderTest}, cfg)
+@pytest.fixture(scope="module")
+def rollouts(cfg: JobConfig):
+    """Rollout pools of 1 and of 2 ranks, made when first asked for (each costs seconds)."""
+    groups: dict[int, WorkerGroup] = {}
+
+    def get(num_workers: int) -> WorkerGroup:
+        if num_workers not in groups:
+            pool_cfg = cfg.resources.pools["rollout"].model_copy(update={"num_workers": num_workers})
+            pool = ResourcePool("rollout", pool_cfg)
+            groups[num_workers] = WorkerGroup(pool, {"rollout": RolloutUnderTest}, cfg)
+        return groups[num_workers]
+
+    yield get
+    for group in groups.values():
+        group.shutdown()
 
 
 def _assert_rollout_holds(rollout: WorkerGroup, full: dict[str, torch.Tensor], version: int) -> None:
@@ -125,8 +142,8 @@ def _assert_rollout_holds(rollout: WorkerGroup, full: dict[str, torch.Tensor], v
 
 
 @pytest.mark.parametrize("num_rollout", [1, 2])
-def test_bridge_moves_the_actor_weights_into_a_separate_rollout_pool(cfg, actor, num_rollout):
-    rollout = _rollout(cfg, num_rollout)
+def test_bridge_moves_the_actor_weights_into_a_separate_rollout_pool(cfg, actor, rollouts, num_rollout):
+    rollout = rollouts(num_rollout)
     bridge = WeightBridge(actor, "actor", rollout, "rollout", cfg, timeout_s=60)
     reference = WeightBridge(actor, "actor", rollout, "rollout", cfg, method="gather", timeout_s=60)
     try:
@@ -161,7 +178,6 @@ def test_bridge_moves_the_actor_weights_into_a_separate_rollout_pool(cfg, actor,
     finally:
         bridge.close()
         reference.close()
-        rollout.shutdown()
 
 
 def test_bridge_refuses_a_group_with_itself_and_unknown_roles(cfg, actor):
@@ -169,3 +185,18 @@ def test_bridge_refuses_a_group_with_itself_and_unknown_roles(cfg, actor):
         WeightBridge(actor, "actor", actor, "actor", cfg)
     with pytest.raises(ValueError, match="method="):
         WeightBridge(actor, "actor", actor, "actor", cfg, method="nccl")
+
+
+def test_a_rank_that_does_not_sync_in_time_is_named_and_the_bridge_refuses_more(cfg, actor, rollouts):
+    rollout = rollouts(2)
+    bridge = WeightBridge(actor, "actor", rollout, "rollout", cfg, timeout_s=60)
+    try:
+        busy = rollout.rollout.sleep.submit(3.0)  # rollout rank 0 is busy: its receive waits behind
+        never_began = r"version 1 within 1 s; rollout rank 0 \(rollout\) never began it"
+        with pytest.raises(TimeoutError, match=never_began):
+            bridge.sync(1, timeout_s=1.0)
+        with pytest.raises(RuntimeError, match="unusable"):
+            bridge.sync(2, timeout_s=1.0)
+        busy.result()
+    finally:
+        bridge.close()  # waits for the late sync to end on every rank, then leaves

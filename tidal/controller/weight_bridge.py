@@ -19,14 +19,17 @@ timeout) and queued: the bridge refuses further syncs; close it and build a new 
 
 from __future__ import annotations
 
+import datetime
 import time
 import uuid
 from typing import Literal
 
 import ray
+import torch.distributed as dist
 
 from tidal.config.schema import JobConfig
 from tidal.controller.worker_group import WorkerGroup
+from tidal.resharding.bridge_group import begun_key
 
 Method = Literal["reshard", "gather"]
 METHODS = ("reshard", "gather")
@@ -73,6 +76,7 @@ class WeightBridge:
         self.name = f"{src_role}->{dst_role}-{uuid.uuid4().hex[:8]}"
         self._broken: str | None = None
         self._joined = False
+        self._store: dist.TCPStore | None = None  # a client of the bridge's store (reshard)
         if method == "reshard":
             sync = cfg.rollout.weight_sync
             self._join(int(sync.bucket_mb * (1 << 20)), sync.verify)
@@ -100,19 +104,31 @@ class WeightBridge:
             receivers = [  # Ray hands each rank rank 0's full tensors once they exist
                 w.load_full_weights.remote(self.dst_role, senders[0], version) for w in self.dst_group.workers
             ]
-        self._wait(senders, receivers, f"syncing version {version}", timeout_s)
+        self._wait(senders, receivers, f"syncing version {version}", timeout_s, version)
         sent = ray.get(senders) if self.method == "reshard" else []  # gather: the weights themselves
         return _metrics(sent, ray.get(receivers), version, time.perf_counter() - start)
 
     def close(self, timeout_s: float = 60.0) -> None:
-        """Every rank leaves the bridge group; idempotent."""
+        """Every rank leaves the bridge group; idempotent. A rank still busy with a failed sync
+        leaves once that call ends (the group's timeout bounds it); one that died has nothing to
+        release. Waits at most `timeout_s`, then raises TimeoutError naming the ranks still busy."""
         if not self._joined:
             return
         self._joined = False
+        self._store = None
         self._broken = self._broken or "it is closed"
-        workers = self.src_group.workers + self.dst_group.workers
-        refs = [w.bridge_close.remote(self.name) for w in workers]
-        self._wait(refs[: self.src_group.world_size], refs[self.src_group.world_size :], "closing", timeout_s)
+        refs = {w.bridge_close.remote(self.name): w for w in self.src_group.workers + self.dst_group.workers}
+        ready, busy = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                pass  # a dead worker holds no group any more
+        if busy:
+            raise TimeoutError(
+                f"WeightBridge {self.name}: {len(busy)} of {len(refs)} ranks did not leave the bridge "
+                f"within {timeout_s:g} s (still busy with an earlier call)"
+            )
 
     # ------------------------------------------------------------------ helpers
     def _join(self, bucket_bytes: int, verify: bool) -> None:
@@ -121,6 +137,9 @@ class WeightBridge:
         store = self.src_group.workers[0].bridge_store.remote(self.name, world, self.timeout_s)
         self._wait([store], [], "opening the bridge's store", self.timeout_s)
         host, port = ray.get(store)
+        self._store = dist.TCPStore(
+            host, port, world, is_master=False, timeout=datetime.timedelta(seconds=self.timeout_s)
+        )
         self._joined = True  # from here on, close() has something to release
         refs = [
             w.bridge_init.remote(
@@ -130,28 +149,50 @@ class WeightBridge:
         ]
         self._wait(refs[:num_src], refs[num_src:], "joining the bridge group", self.timeout_s)
 
-    def _wait(self, senders: list, receivers: list, what: str, timeout_s: float) -> None:
+    def _wait(
+        self, senders: list, receivers: list, what: str, timeout_s: float, version: int | None = None
+    ) -> None:
         """Wait for every call; raise the first failure at once, or name the ranks still busy at
         the deadline. Either leaves the bridge unusable (the other calls may still be running)."""
-        labels = {
-            ref: f"{self.src_group.pool.name} rank {i} ({self.src_role})" for i, ref in enumerate(senders)
-        }
-        labels |= {
-            ref: f"{self.dst_group.pool.name} rank {i} ({self.dst_role})" for i, ref in enumerate(receivers)
-        }
+        labels = dict(zip(senders + receivers, self._rank_names(), strict=False))
         pending = list(labels)
         deadline = time.monotonic() + timeout_s
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                busy = ", ".join(labels[ref] for ref in pending)
-                self._broken = f"{busy} did not finish {what} within {timeout_s:g} s"
+                busy = [labels[ref] for ref in pending]
+                self._broken = f"{', '.join(busy)} did not finish {what} within {timeout_s:g} s"
+                if version is not None and self._store is not None:
+                    self._broken += self._not_begun(
+                        [i for i, ref in enumerate(labels) if ref in pending], version
+                    )
                 raise TimeoutError(f"WeightBridge {self.name}: {self._broken}")
             try:
                 ray.get(ready)
             except Exception as exc:
                 self._broken = f"{labels[ready[0]]} failed {what}"
                 raise RuntimeError(f"WeightBridge {self.name}: {self._broken}: {exc}") from exc
+
+    def _rank_names(self) -> list[str]:
+        """'pool rank i (role)' of every bridge rank: the trainer's ranks, then the engine's."""
+        return [
+            f"{group.pool.name} rank {i} ({role})"
+            for group, role in ((self.src_group, self.src_role), (self.dst_group, self.dst_role))
+            for i in range(group.world_size)
+        ]
+
+    def _not_begun(self, busy: list[int], version: int) -> str:
+        """Which of the busy bridge ranks never began `version` (the ranks that did wait on them)."""
+        assert self._store is not None
+        names = self._rank_names()
+        late = []
+        for rank in busy:
+            key = begun_key(rank)
+            if not self._store.check([key]) or int(self._store.get(key)) != version:
+                late.append(names[rank])
+        if not late:
+            return "; every one of them began (a slow or stuck transfer)"
+        return f"; {', '.join(late)} never began it (busy with an earlier call?), the others wait on them"
 
 
 def _metrics(

@@ -34,6 +34,10 @@ class P2POp(NamedTuple):
     tag: int
 
 
+def begun_key(rank: int) -> str:
+    return f"begun/{rank}"
+
+
 class BridgeGroup:
     """Rank `rank` of a group of `world_size` processes, on `store` (shared by all of them).
 
@@ -57,6 +61,7 @@ class BridgeGroup:
         self.world_size = world_size
         self.device = device
         self.timeout = timeout
+        self.store = store
         # Constructing the gloo backend connects every pair of ranks: it returns once all joined.
         self.cpu = dist.ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, world_size, timeout)
         self.p2p = self.cpu
@@ -97,6 +102,11 @@ class BridgeGroup:
         out = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
         self.cpu.allgather([out], [padded]).wait()
         return [pickle.loads(buf[: int(n)].numpy().tobytes()) for buf, n in zip(out, sizes, strict=True)]
+
+    def mark_begun(self, version: int) -> None:
+        """Record in the store that this rank has begun syncing `version` (one key per rank), so a
+        controller whose sync timed out can tell the ranks that never began from those that wait."""
+        self.store.set(begun_key(self.rank), str(version))
 
     def barrier(self) -> None:
         self.cpu.barrier().wait()

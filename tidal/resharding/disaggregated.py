@@ -87,6 +87,7 @@ class BridgeEnd:
         self.group.close()
 
     def _agree_version(self, version: int) -> None:
+        self.group.mark_begun(version)
         versions = self.group.all_gather_object(version)
         if len(set(versions)) > 1:
             sides = [
