@@ -127,6 +127,7 @@ class ContinuousBatcher:
         self.version = version
         self.clock = clock
         self.queue: deque[_Group] = deque()
+        self._queued_ids: set[Hashable] = set()
         self.running: dict[Hashable, _Group] = {}  # admitted and unfinished, by request id
         self.rows: list[_Sequence] = []  # the sequences in the batch, in cache row order
         self.logits: torch.Tensor | None = None  # [B,V] the next token's logits of every row
@@ -163,9 +164,10 @@ class ContinuousBatcher:
 
     def submit(self, request: Request) -> None:
         self.check(request)
-        if request.rid in self.running or any(g.request.rid == request.rid for g in self.queue):
+        if request.rid in self.running or request.rid in self._queued_ids:
             raise ValueError(f"request id {request.rid!r} is already queued or running")
         self.queue.append(_Group(request))
+        self._queued_ids.add(request.rid)
 
     # ------------------------------------------------------------------ the decode step
 
@@ -246,6 +248,7 @@ class ContinuousBatcher:
         admitted: list[_Group] = []
         while self.queue and self.queue[0].request.num_samples <= free:
             group = self.queue.popleft()
+            self._queued_ids.discard(group.request.rid)
             free -= group.request.num_samples
             admitted.append(group)
         if not admitted:
