@@ -300,7 +300,7 @@ def test_bind_rejects_a_field_the_function_does_not_take():
     ):
         bind(algorithms.TOKEN_SELECTORS, section, "algorithm.token_selection")
     section.type = "nope"
-    with pytest.raises(ValueError, match=r"algorithm.token_selection.type='nope'.*known names"):
+    with pytest.raises(ValueError, match=r"algorithm.token_selection.type='nope' is not registered.*pick one of"):
         bind(algorithms.TOKEN_SELECTORS, section, "algorithm.token_selection")
 
 

@@ -18,20 +18,13 @@ Objectives and data strategies from the seed papers (see docs/algorithms.md for 
     kdrl_kl_loss(log_probs, teacher_log_probs, mask, ...)        # KDRL reverse KL term
     OFF_POLICY_CORRECTIONS.get("tis")(old_lp, rollout_lp, mask, **params)  # "mis", "decoupled"
 
-Config sections pick plug-ins by name: `bind(REGISTRY, section, "algorithm.x", step=...)` (plugins.py).
-Imports only torch (config types for hints only). Importing this package registers every name.
+The registries are instances of `tidal.registry.Registry`, declared with their metadata in the
+torch-free catalog `tidal/registry.py` and re-exported here; each name's function is imported on its
+first `get`. Config sections pick plug-ins by name: `bind(REGISTRY, section, "algorithm.x", step=...)`
+(plugins.py). Imports only torch (config types for hints only).
 """
 
-from tidal.algorithms import cov_losses as _cov_losses  # noqa: F401  (registers names)
-from tidal.algorithms import dppo_losses as _dppo_losses  # noqa: F401  (registers names)
-from tidal.algorithms import gdpo as _gdpo  # noqa: F401  (registers names)
-from tidal.algorithms import group_advantages as _group_advantages  # noqa: F401  (registers names)
-from tidal.algorithms import token_baselines as _token_baselines  # noqa: F401  (registers names)
-from tidal.algorithms import trl_losses as _trl_losses  # noqa: F401  (registers names)
-from tidal.algorithms.advantages import ADVANTAGE_ESTIMATORS
 from tidal.algorithms.aggregation import (
-    LOSS_AGG_ALIASES,
-    LOSS_AGG_MODES,
     GlobalCounts,
     aggregate_loss,
     count_valid,
@@ -39,14 +32,8 @@ from tidal.algorithms.aggregation import (
 )
 from tidal.algorithms.distill import kdrl_beta, kdrl_kl_loss
 from tidal.algorithms.entropy import entropy_from_logits
-from tidal.algorithms.filters import (
-    SAMPLE_FILTERS,
-    TOKEN_SELECTORS,
-    DynamicSamplingQuota,
-    linear_schedule,
-)
+from tidal.algorithms.filters import DynamicSamplingQuota, linear_schedule
 from tidal.algorithms.kl import (
-    KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     apply_kl_penalty,
@@ -54,18 +41,28 @@ from tidal.algorithms.kl import (
 )
 from tidal.algorithms.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from tidal.algorithms.off_policy import (
-    OFF_POLICY_CORRECTIONS,
     decoupled_is_weights,
     masked_is,
     truncated_is_weights,
 )
 from tidal.algorithms.plugins import bind, call_accepting, plugin_kwargs
-from tidal.algorithms.policy_losses import POLICY_LOSSES
-from tidal.algorithms.preference import PREFERENCE_LOSSES, sequence_log_probs, sft_loss
-from tidal.algorithms.registry import Registry
-from tidal.algorithms.reward_combination import REWARD_COMBINERS
-from tidal.algorithms.shaping import REWARD_SHAPERS, add_at_last_token
+from tidal.algorithms.preference import sequence_log_probs, sft_loss
+from tidal.algorithms.shaping import add_at_last_token
 from tidal.algorithms.value_loss import value_loss
+from tidal.registry import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    LOSS_AGG_ALIASES,
+    LOSS_AGG_MODES,
+    OFF_POLICY_CORRECTIONS,
+    POLICY_LOSSES,
+    PREFERENCE_LOSSES,
+    REWARD_COMBINERS,
+    REWARD_SHAPERS,
+    SAMPLE_FILTERS,
+    TOKEN_SELECTORS,
+    Registry,
+)
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",

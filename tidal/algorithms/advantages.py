@@ -22,13 +22,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tidal.algorithms.masked import masked_whiten
-from tidal.algorithms.registry import Registry
 
 if TYPE_CHECKING:
     from tidal.config.schema import AlgorithmConfig
 
 AdvantageFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-ADVANTAGE_ESTIMATORS: Registry[AdvantageFn] = Registry("advantage estimator")
 
 
 def check_shapes(token_rewards: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -59,7 +57,6 @@ def group_rows(
     return list(rows.values())
 
 
-@ADVANTAGE_ESTIMATORS.register("gae")
 @torch.no_grad()
 def gae(
     token_rewards: torch.Tensor,
@@ -97,7 +94,6 @@ def gae(
     return masked_whiten(advantages, mask) * mask, returns
 
 
-@ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus")
 @torch.no_grad()
 def reinforce_plus_plus(
     token_rewards: torch.Tensor,
@@ -150,6 +146,3 @@ def remax(
         returns = (token_rewards * mask).flip(dims=[-1]).cumsum(dim=-1).flip(dims=[-1])
         advantages = (returns - reward_baselines.to(returns.dtype).unsqueeze(-1)) * mask
     return advantages, returns * mask
-
-
-ADVANTAGE_ESTIMATORS.add("remax", remax)

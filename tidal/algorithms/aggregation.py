@@ -21,23 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tidal.algorithms.masked import masked_sum
-
-LOSS_AGG_MODES: tuple[str, ...] = (
-    "token-mean",
-    "token-sum",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-)
-
-# TRL's `loss_type` names for the same reductions (identical whenever no row is fully padded; TRL
-# counts fully padded rows in its sequence means, we do not).
-LOSS_AGG_ALIASES: dict[str, str] = {
-    "bnpo": "token-mean",
-    "dapo": "token-mean",
-    "grpo": "seq-mean-token-mean",
-    "dr_grpo": "seq-mean-token-sum-norm",
-}
+from tidal.registry import LOSS_AGG_ALIASES, LOSS_AGG_MODES  # names in the torch-free catalog
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 
 from tidal.algorithms.aggregation import Denominator, aggregate_loss
 from tidal.algorithms.masked import masked_mean
-from tidal.algorithms.policy_losses import POLICY_LOSSES, metrics_of, weighted
+from tidal.algorithms.policy_losses import metrics_of, weighted
 
 if TYPE_CHECKING:
     from tidal.config.schema import ActorConfig
@@ -33,7 +33,6 @@ def _centred_covariance(
     return (advantages - masked_mean(advantages, mask)) * (log_probs - masked_mean(log_probs, mask))
 
 
-@POLICY_LOSSES.register("clip_cov")
 def clip_cov(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -78,7 +77,6 @@ def clip_cov(
     return loss, metrics
 
 
-@POLICY_LOSSES.register("kl_cov")
 def kl_cov(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,

@@ -19,8 +19,8 @@ import torch
 
 from tidal.algorithms.aggregation import Denominator, aggregate_loss
 from tidal.algorithms.filters import linear_schedule
-from tidal.algorithms.kl import KL_ESTIMATORS
 from tidal.algorithms.masked import masked_mean
+from tidal.registry import KL_ESTIMATORS
 
 
 def kdrl_beta(step: int, *, beta_start: float = 5e-3, beta_end: float = 1e-3, anneal_steps: int) -> float:

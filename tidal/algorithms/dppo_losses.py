@@ -22,7 +22,7 @@ import torch
 
 from tidal.algorithms.aggregation import Denominator, aggregate_loss
 from tidal.algorithms.masked import masked_mean
-from tidal.algorithms.policy_losses import LOG_RATIO_BOUND, POLICY_LOSSES, metrics_of, weighted
+from tidal.algorithms.policy_losses import LOG_RATIO_BOUND, metrics_of, weighted
 
 if TYPE_CHECKING:
     from tidal.config.schema import ActorConfig
@@ -77,7 +77,6 @@ def _dppo(
     return loss, metrics
 
 
-@POLICY_LOSSES.register("dppo_tv")
 def dppo_tv(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -102,7 +101,6 @@ def dppo_tv(
     )
 
 
-@POLICY_LOSSES.register("dppo_kl")
 def dppo_kl(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -127,7 +125,6 @@ def dppo_kl(
     )
 
 
-@POLICY_LOSSES.register("dro")
 def dro(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,

@@ -27,12 +27,9 @@ import torch
 
 from tidal.algorithms.advantages import group_rows
 from tidal.algorithms.masked import masked_mean
-from tidal.algorithms.registry import Registry
 
 SampleFilterFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 TokenSelectorFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
-SAMPLE_FILTERS: Registry[SampleFilterFn] = Registry("sample filter")
-TOKEN_SELECTORS: Registry[TokenSelectorFn] = Registry("token selector")
 
 
 def _check_ratio(name: str, ratio: float) -> None:
@@ -56,7 +53,6 @@ def linear_schedule(step: int, *, start: float, end: float, num_steps: int) -> f
 # ------------------------------------------------------------------------------- sample level
 
 
-@SAMPLE_FILTERS.register("zero_variance")
 @torch.no_grad()
 def zero_variance_groups(
     scores: torch.Tensor, *, group_ids: Sequence[Hashable] | torch.Tensor | None, atol: float = 0.0
@@ -104,7 +100,6 @@ def max_variance_subset(values: torch.Tensor, size: int) -> list[int]:
     return sorted(best)
 
 
-@SAMPLE_FILTERS.register("d3s")
 @torch.no_grad()
 def d3s_samples(
     scores: torch.Tensor, *, group_ids: Sequence[Hashable] | torch.Tensor | None, keep_ratio: float
@@ -235,7 +230,6 @@ def _selection_metrics(
     }
 
 
-@TOKEN_SELECTORS.register("high_entropy")
 @torch.no_grad()
 def high_entropy_tokens(
     response_mask: torch.Tensor,
@@ -255,7 +249,6 @@ def high_entropy_tokens(
     return mask, _selection_metrics("high_entropy", mask, response_mask, entropy)
 
 
-@TOKEN_SELECTORS.register("d3s")
 @torch.no_grad()
 def d3s_tokens(
     response_mask: torch.Tensor,

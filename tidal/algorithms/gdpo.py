@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tidal.algorithms.advantages import ADVANTAGE_ESTIMATORS, check_shapes, group_rows
+from tidal.algorithms.advantages import check_shapes, group_rows
 from tidal.algorithms.group_advantages import _group_stats
 from tidal.algorithms.masked import masked_whiten
 
@@ -46,7 +46,6 @@ def gdpo_weights(config: AlgorithmConfig | None, num_components: int) -> list[fl
     return list(weights)
 
 
-@ADVANTAGE_ESTIMATORS.register("gdpo")
 @torch.no_grad()
 def gdpo(
     token_rewards: torch.Tensor,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tidal.algorithms.advantages import ADVANTAGE_ESTIMATORS, check_shapes, group_rows
+from tidal.algorithms.advantages import check_shapes, group_rows
 from tidal.algorithms.masked import masked_whiten
 
 if TYPE_CHECKING:
@@ -44,7 +44,6 @@ def _broadcast(per_sample: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     return advantages, advantages
 
 
-@ADVANTAGE_ESTIMATORS.register("grpo")
 @torch.no_grad()
 def grpo(
     token_rewards: torch.Tensor,
@@ -68,7 +67,6 @@ def grpo(
     return _broadcast(normalised if config.norm_adv_by_std_in_grpo else centered, mask)
 
 
-@ADVANTAGE_ESTIMATORS.register("grpo_batch_std")
 @torch.no_grad()
 def grpo_batch_std(
     token_rewards: torch.Tensor,
@@ -94,7 +92,6 @@ def grpo_batch_std(
     return _broadcast(centered / (batch_std + config.norm_adv_epsilon), mask)
 
 
-@ADVANTAGE_ESTIMATORS.register("rloo")
 @torch.no_grad()
 def rloo(
     token_rewards: torch.Tensor,
@@ -128,7 +125,6 @@ def rloo(
     return _broadcast(torch.where(size > 1, loo, scores), mask)
 
 
-@ADVANTAGE_ESTIMATORS.register("reinforce_plus_plus_baseline")
 @torch.no_grad()
 def reinforce_plus_plus_baseline(
     token_rewards: torch.Tensor,
@@ -147,7 +143,6 @@ def reinforce_plus_plus_baseline(
     return advantages, advantages
 
 
-@ADVANTAGE_ESTIMATORS.register("grpo_passk")
 @torch.no_grad()
 def grpo_passk(
     token_rewards: torch.Tensor,
@@ -180,7 +175,6 @@ def grpo_passk(
     return _broadcast(per_sample, mask)
 
 
-@ADVANTAGE_ESTIMATORS.register("opo")
 @torch.no_grad()
 def opo(
     token_rewards: torch.Tensor,
@@ -206,7 +200,6 @@ def opo(
     return _broadcast(scores - baseline, mask)
 
 
-@ADVANTAGE_ESTIMATORS.register("gpg")
 @torch.no_grad()
 def gpg(
     token_rewards: torch.Tensor,

@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from tidal.algorithms.masked import masked_mean
-from tidal.algorithms.registry import Registry
+from tidal.registry import KL_ESTIMATORS
 
 if TYPE_CHECKING:
     from tidal.config.schema import KLControlConfig
 
 KLFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-KL_ESTIMATORS: Registry[KLFn] = Registry("KL estimator")
 
 
 def kl_k1(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
@@ -61,12 +60,10 @@ def straight_through(forward: KLFn) -> KLFn:
     return estimator
 
 
-for _names, _fn in ((("kl", "k1"), kl_k1), (("abs",), kl_abs), (("low_var_kl", "k3"), kl_k3)):
-    for _name in _names:
-        KL_ESTIMATORS.add(_name, _fn)
-        KL_ESTIMATORS.add(_name + "+", straight_through(_fn))
-for _name in ("mse", "k2", "mse+", "k2+"):  # k2's straight-through variant is k2 itself
-    KL_ESTIMATORS.add(_name, kl_k2)
+# The "<name>+" entries of KL_ESTIMATORS (tidal/registry.py); k2's straight-through variant is k2 itself.
+kl_k1_straight_through = straight_through(kl_k1)
+kl_abs_straight_through = straight_through(kl_abs)
+kl_k3_straight_through = straight_through(kl_k3)
 
 
 # ------------------------------------------------------------------------------- KL in reward

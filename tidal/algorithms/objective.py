@@ -25,8 +25,8 @@ import torch
 from tidal.algorithms.aggregation import GlobalCounts, aggregate_loss
 from tidal.algorithms.distill import kdrl_beta, kdrl_kl_loss
 from tidal.algorithms.masked import masked_mean
-from tidal.algorithms.policy_losses import POLICY_LOSSES
 from tidal.algorithms.trl_losses import kl_importance_ratio
+from tidal.registry import POLICY_LOSSES
 
 if TYPE_CHECKING:
     from tidal.config.schema import ActorConfig

@@ -31,10 +31,8 @@ from collections.abc import Callable
 import torch
 
 from tidal.algorithms.masked import masked_mean, masked_sum
-from tidal.algorithms.registry import Registry
 
 CorrectionFn = Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, float]]]
-OFF_POLICY_CORRECTIONS: Registry[CorrectionFn] = Registry("off-policy correction")
 
 LOG_BOUND = 20.0  # exp(+-20) keeps a ratio finite; same safety bound as verl
 IS_LEVELS = ("token", "sequence")
@@ -170,7 +168,6 @@ def decoupled_is_weights(
     return ratio * new_mask, new_mask.to(mask_dtype), metrics
 
 
-@OFF_POLICY_CORRECTIONS.register("tis")
 def tis(
     old_log_probs: torch.Tensor,
     rollout_log_probs: torch.Tensor,
@@ -190,7 +187,3 @@ def tis(
         batch_normalize=batch_normalize,
     )
     return weights, mask, metrics
-
-
-OFF_POLICY_CORRECTIONS.add("mis", masked_is)
-OFF_POLICY_CORRECTIONS.add("decoupled", decoupled_is_weights)

@@ -27,11 +27,15 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tidal.algorithms.filters import SAMPLE_FILTERS, TOKEN_SELECTORS, linear_schedule
-from tidal.algorithms.off_policy import OFF_POLICY_CORRECTIONS
-from tidal.algorithms.registry import Registry
-from tidal.algorithms.reward_combination import REWARD_COMBINERS
-from tidal.algorithms.shaping import REWARD_SHAPERS
+from tidal.algorithms.filters import linear_schedule
+from tidal.registry import (
+    OFF_POLICY_CORRECTIONS,
+    REWARD_COMBINERS,
+    REWARD_SHAPERS,
+    SAMPLE_FILTERS,
+    TOKEN_SELECTORS,
+    Registry,
+)
 
 if TYPE_CHECKING:
     from tidal.config.schema import JobConfig
@@ -92,10 +96,8 @@ def bind(
 ) -> functools.partial[Any]:
     """`registry[section.type]` with the section's parameters bound; `field` (the config path,
     e.g. "algorithm.token_selection") names the section in errors."""
-    try:
-        fn = registry.get(section.type)
-    except ValueError as err:
-        raise ValueError(f"{field}.type={section.type!r}: {err}") from None
+    registry.check(f"{field}.type", section.type)
+    fn = registry.get(section.type)
     kwargs = plugin_kwargs(section, step=step, exclude=exclude, defaults=defaults)
     accepted = _keyword_names(fn)
     unknown = [] if accepted is None else sorted(set(kwargs) - accepted)

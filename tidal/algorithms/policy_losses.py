@@ -24,13 +24,11 @@ import torch
 
 from tidal.algorithms.aggregation import Denominator, aggregate_loss
 from tidal.algorithms.masked import masked_mean
-from tidal.algorithms.registry import Registry
 
 if TYPE_CHECKING:
     from tidal.config.schema import ActorConfig
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
-POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
 
 LOG_RATIO_BOUND = 20.0  # exp(20) ~ 5e8: keeps a wild ratio finite instead of inf
 
@@ -51,7 +49,6 @@ def cap_ratio(ratio: torch.Tensor, config: ActorConfig) -> torch.Tensor:
     return ratio if config.delta is None else torch.clamp(ratio, max=config.delta)
 
 
-@POLICY_LOSSES.register("vanilla")
 def vanilla(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -91,7 +88,6 @@ def vanilla(
     return loss, metrics
 
 
-@POLICY_LOSSES.register("gspo")
 def gspo(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -131,7 +127,6 @@ def gspo(
     return loss, metrics
 
 
-@POLICY_LOSSES.register("sapo")
 def sapo(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -165,7 +160,6 @@ def sapo(
     return loss, metrics
 
 
-@POLICY_LOSSES.register("cispo")
 def cispo(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -195,7 +189,6 @@ def cispo(
     return loss, metrics
 
 
-@POLICY_LOSSES.register("geo_mean")
 def geo_mean(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -236,7 +229,6 @@ def geo_mean(
     return loss, metrics
 
 
-@POLICY_LOSSES.register("gpg")
 def gpg(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -258,7 +250,6 @@ def gpg(
     return loss, metrics
 
 
-@POLICY_LOSSES.register("reinforce")
 def reinforce(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,

@@ -21,10 +21,8 @@ import torch.nn.functional as F
 
 from tidal.algorithms.aggregation import Denominator, aggregate_loss
 from tidal.algorithms.masked import masked_sum
-from tidal.algorithms.registry import Registry
 
 PreferenceLossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
-PREFERENCE_LOSSES: Registry[PreferenceLossFn] = Registry("preference loss")
 
 PairDenominator = float | int | torch.Tensor | None
 
@@ -77,7 +75,6 @@ def _pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) 
         }
 
 
-@PREFERENCE_LOSSES.register("dpo")
 def dpo(
     chosen_log_probs: torch.Tensor,
     chosen_mask: torch.Tensor,
@@ -109,7 +106,6 @@ def dpo(
     return _reduce(losses, denominator), _pair_metrics(chosen_rewards, rejected_rewards)
 
 
-@PREFERENCE_LOSSES.register("simpo")
 def simpo(
     chosen_log_probs: torch.Tensor,
     chosen_mask: torch.Tensor,
@@ -136,7 +132,6 @@ def simpo(
     return _reduce(losses, denominator), _pair_metrics(chosen_rewards, rejected_rewards)
 
 
-@PREFERENCE_LOSSES.register("redi")
 def redi(
     chosen_log_probs: torch.Tensor,
     chosen_mask: torch.Tensor,

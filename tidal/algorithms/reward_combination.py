@@ -17,11 +17,7 @@ from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
-from tidal.algorithms.registry import Registry
-from tidal.algorithms.shaping import REWARD_SHAPERS
-
 RewardCombinerFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
-REWARD_COMBINERS: Registry[RewardCombinerFn] = Registry("reward combiner")
 
 
 def _check_components(components: torch.Tensor) -> None:
@@ -41,7 +37,6 @@ def _spread_metrics(components: torch.Tensor, reward: torch.Tensor) -> dict[str,
     }
 
 
-@REWARD_COMBINERS.register("weighted_sum")
 @torch.no_grad()
 def weighted_sum(
     components: torch.Tensor, *, weights: Sequence[float] | None = None
@@ -61,7 +56,6 @@ def weighted_sum(
     return reward, _spread_metrics(components, reward)
 
 
-@REWARD_COMBINERS.register("min")
 @torch.no_grad()
 def worst_case(components: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """min_k r_k: worst-case optimisation over a reward-model ensemble (Coste et al. 2023, arXiv
@@ -71,7 +65,6 @@ def worst_case(components: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]
     return reward, _spread_metrics(components, reward)
 
 
-@REWARD_COMBINERS.register("uncertainty_weighted")
 @torch.no_grad()
 def uncertainty_weighted(
     components: torch.Tensor, *, uncertainty_coef: float = 1.0
@@ -89,7 +82,6 @@ def uncertainty_weighted(
     return reward, _spread_metrics(components, reward)
 
 
-@REWARD_SHAPERS.register("par")
 @torch.no_grad()
 def preference_as_reward(
     seq_reward: torch.Tensor,

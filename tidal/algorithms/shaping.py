@@ -20,10 +20,8 @@ from collections.abc import Callable, Hashable, Sequence
 import torch
 
 from tidal.algorithms.advantages import group_rows
-from tidal.algorithms.registry import Registry
 
 RewardShaperFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
-REWARD_SHAPERS: Registry[RewardShaperFn] = Registry("reward shaper")
 
 
 def response_lengths(seq_reward: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -50,7 +48,6 @@ def add_at_last_token(
     return out
 
 
-@REWARD_SHAPERS.register("overlong")
 @torch.no_grad()
 def overlong_penalty(
     seq_reward: torch.Tensor,
@@ -91,7 +88,6 @@ def overlong_penalty(
     return seq_reward + penalty, metrics
 
 
-@REWARD_SHAPERS.register("length_penalty")
 @torch.no_grad()
 def group_length_penalty(
     seq_reward: torch.Tensor,

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tidal.algorithms.advantages import ADVANTAGE_ESTIMATORS, check_shapes, group_rows
+from tidal.algorithms.advantages import check_shapes, group_rows
 
 if TYPE_CHECKING:
     from tidal.config.schema import AlgorithmConfig
@@ -103,7 +103,6 @@ def _baselines(
     return torch.where(sole.unsqueeze(-1) & cut, 0.0, baselines)
 
 
-@ADVANTAGE_ESTIMATORS.register("optimal_token_baseline")
 @torch.no_grad()
 def optimal_token_baseline(
     token_rewards: torch.Tensor,
@@ -127,7 +126,6 @@ def optimal_token_baseline(
     return (returns - baselines) * mask, returns * mask
 
 
-@ADVANTAGE_ESTIMATORS.register("tir_optimal_token_baseline")
 @torch.no_grad()
 def tir_optimal_token_baseline(
     token_rewards: torch.Tensor,

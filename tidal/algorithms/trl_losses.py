@@ -23,14 +23,12 @@ import torch
 
 from tidal.algorithms.aggregation import Denominator, aggregate_loss
 from tidal.algorithms.masked import masked_mean
-from tidal.algorithms.policy_losses import LOG_RATIO_BOUND, POLICY_LOSSES, cap_ratio, metrics_of, weighted
+from tidal.algorithms.policy_losses import LOG_RATIO_BOUND, cap_ratio, metrics_of, weighted
+from tidal.registry import POLICY_LOSSES
 
 if TYPE_CHECKING:
     from tidal.config.schema import ActorConfig
 
-# Losses whose ratio is per sequence in TRL (importance_sampling_level="sequence"): TRL's bias-corrected
-# KL multiplies every token's KL by that sequence ratio. The other losses use the token ratio.
-SEQUENCE_RATIO_LOSSES = frozenset({"gspo", "luspo"})
 VESPO_LOG_W_MIN = math.log(1e-8)  # TRL's lower clamp of log w (the VESPO authors' value)
 
 
@@ -45,10 +43,12 @@ def kl_importance_ratio(
     log_probs: torch.Tensor, old_log_probs: torch.Tensor, mask: torch.Tensor, policy_loss: str
 ) -> torch.Tensor:
     """TRL's `coef_1`: pi / pi_old per token, or per sequence (exp of the mean log ratio) for
-    SEQUENCE_RATIO_LOSSES. NOT detached, as in TRL: on-policy its value is 1 but its gradient is not,
-    which is what turns the k3 gradient into the unbiased reverse-KL gradient."""
+    losses whose ratio is per sequence in TRL (importance_sampling_level="sequence"; POLICY_LOSSES
+    metadata `sequence_ratio`: gspo, luspo), whose TRL bias-corrected KL multiplies every token's KL
+    by that ratio. NOT detached, as in TRL: on-policy its value is 1 but its gradient is not, which
+    is what turns the k3 gradient into the unbiased reverse-KL gradient."""
     log_ratio = log_probs - old_log_probs
-    if policy_loss in SEQUENCE_RATIO_LOSSES:
+    if POLICY_LOSSES.meta(policy_loss).sequence_ratio:
         return torch.exp(_sequence_log_ratio(log_ratio, mask)).expand_as(log_probs)
     return torch.exp(torch.clamp(log_ratio, min=-LOG_RATIO_BOUND, max=LOG_RATIO_BOUND))
 
@@ -82,7 +82,6 @@ def vespo_weights(
         return torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-@POLICY_LOSSES.register("vespo")
 def vespo(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -107,7 +106,6 @@ def vespo(
     return loss, metrics
 
 
-@POLICY_LOSSES.register("luspo")
 def luspo(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -138,7 +136,6 @@ def luspo(
     return loss, metrics
 
 
-@POLICY_LOSSES.register("rloo")
 def rloo(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,

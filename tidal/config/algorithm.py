@@ -1,8 +1,9 @@
 """The `algorithm` section: what one RL step computes, by registry name, and the plug-in sections.
 
-Torch-free like the rest of the config. Every name here is a registry entry of tidal.algorithms
-(the table in docs/algorithms.md); `tidal.config.registry_check` checks names and parameters
-against the registries once torch is importable.
+Torch-free like the rest of the config. Every name here is an entry of a registry in the catalog
+`tidal/registry.py` (the table in docs/algorithms.md): the rules below read what an entry needs
+from its metadata, and `tidal.config.registry_check` checks the names (and, once torch is
+importable, binds the plug-in parameters).
 
 Plug-in sections: each one's `type` is a registry name and its other fields are that plug-in's
 keyword parameters (`tidal.algorithms.plugins.bind` passes them), except fields a program reads
@@ -18,11 +19,13 @@ the loss it belongs to.
 from __future__ import annotations
 
 import typing
+from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from tidal.config.base import StrictModel
+from tidal.registry import ADVANTAGE_ESTIMATORS, EstimatorMeta, Registry
 
 
 class KLControlConfig(StrictModel):
@@ -233,16 +236,26 @@ def _preference_params() -> dict[str, set[str]]:
     return {m.model_fields["type"].default: set(m.model_fields) - {"type"} for m in members}
 
 
-# Estimator options read by some estimators only: setting one for another estimator is a mistake.
-ESTIMATOR_ONLY_PARAMS = {
-    "norm_adv_epsilon": frozenset({"grpo", "grpo_batch_std", "grpo_passk"}),
-    "gpg_f_norm": frozenset({"gpg"}),
-    "rloo_normalize_advantages": frozenset({"rloo"}),
-}
+def option_read_by_others(
+    registry: Registry[Any], chosen: str, section: BaseModel
+) -> tuple[str, tuple[str, ...]] | None:
+    """The first field set in `section` that entries of `registry` read (their metadata `reads`)
+    but `chosen` does not, with the names that read it; None when every set field is `chosen`'s."""
+    own = registry.meta(chosen, missing_ok=True).reads
+    for field in type(section).model_fields:
+        if field in section.model_fields_set and field not in own:
+            readers = _readers(registry, field)
+            if readers:
+                return field, readers
+    return None
 
 
-# Estimators that read sum_v pi(v)^2 per token from the trainer's log-prob pass (optimal token baseline).
-SUM_PI_SQUARED_ESTIMATORS = frozenset({"optimal_token_baseline", "tir_optimal_token_baseline"})
+def _readers(registry: Registry[Any], field: str) -> tuple[str, ...]:
+    return tuple(name for name in registry.names() if field in registry.meta(name).reads)
+
+
+def _names(names: Collection[str]) -> str:
+    return ", ".join(sorted(names))
 
 
 class AlgorithmConfig(StrictModel):
@@ -306,44 +319,49 @@ class AlgorithmConfig(StrictModel):
 
     @model_validator(mode="after")
     def _estimator_options_match_the_estimator(self) -> AlgorithmConfig:
-        for field, readers in ESTIMATOR_ONLY_PARAMS.items():
-            if field in self.model_fields_set and self.advantage_estimator not in readers:
-                raise ValueError(
-                    f"algorithm.{field} is set but algorithm.advantage_estimator={self.advantage_estimator!r} "
-                    f"does not read it (only {', '.join(sorted(readers))}); remove algorithm.{field}"
-                )
+        stray = option_read_by_others(ADVANTAGE_ESTIMATORS, self.advantage_estimator, self)
+        if stray:
+            field, readers = stray
+            raise ValueError(
+                f"algorithm.{field} is set but algorithm.advantage_estimator={self.advantage_estimator!r} "
+                f"does not read it (only {_names(readers)}); remove algorithm.{field}"
+            )
         return self
 
     @model_validator(mode="after")
     def _one_source_of_reward_baselines(self) -> AlgorithmConfig:
-        """ReMax and every PAR section share one `reward_baselines` column, so they must agree on
-        where it comes from: a column of greedy rewards cannot also hold the data references'."""
+        """An estimator that needs reward baselines (ReMax) and every PAR section share one
+        `reward_baselines` column, so they must agree on where it comes from: a column of greedy
+        rewards cannot also hold the data references'."""
         baselines = sorted({s.baseline for s in self.reward_shaping if s.type == "par"})
         if len(baselines) > 1:
             raise ValueError(
                 f"algorithm.reward_shaping has par sections with baseline={baselines}; they share one "
                 "column of reference rewards, so give them the same baseline (or keep one par section)"
             )
-        if self.advantage_estimator == "remax" and baselines == ["data"]:
+        name = self.advantage_estimator
+        if self.estimator_meta.needs_reward_baselines and baselines == ["data"]:
             raise ValueError(
-                "algorithm.advantage_estimator=remax with algorithm.reward_shaping par baseline=data: both "
-                "would write the reward_baselines column (ReMax needs the greedy response's reward, PAR "
-                "data the references'); use par baseline=greedy with remax, or another estimator (grpo)"
+                f"algorithm.advantage_estimator={name} with algorithm.reward_shaping par baseline=data: both "
+                f"would write the reward_baselines column ({name} needs the greedy response's reward, PAR "
+                f"data the references'); use par baseline=greedy with {name}, or another estimator (grpo)"
             )
         return self
 
     @model_validator(mode="after")
-    def _gdpo_has_its_components(self) -> AlgorithmConfig:
-        """GDPO normalises each reward component on its own, so it needs the components (a weighted
-        sum combination gives them and their weights) and would silently skip reward changes made
-        after the combination (shaping, KL in the reward): those are refused instead."""
-        if self.advantage_estimator != "gdpo":
+    def _reward_components_are_given(self) -> AlgorithmConfig:
+        """An estimator that reads reward components (GDPO) normalises each on its own, so it needs
+        the components (a weighted sum combination gives them and their weights) and would silently
+        skip reward changes made after the combination (shaping, KL in the reward): those are
+        refused instead."""
+        if not self.estimator_meta.needs_reward_components:
             return self
+        name = self.advantage_estimator
         combination = self.reward_combination
         if combination is None or combination.type != "weighted_sum":
             got = "not set" if combination is None else f"type={combination.type}"
             raise ValueError(
-                f"algorithm.advantage_estimator=gdpo normalises each reward component separately, but "
+                f"algorithm.advantage_estimator={name} normalises each reward component separately, but "
                 f"algorithm.reward_combination is {got}; set algorithm.reward_combination="
                 "{type: weighted_sum, components: [...], weights: [...]} (the weights combine the "
                 "normalised components)"
@@ -352,20 +370,31 @@ class AlgorithmConfig(StrictModel):
         stray = "algorithm.use_kl_in_reward" if self.use_kl_in_reward else stray
         if stray:
             raise ValueError(
-                f"{stray} changes the combined reward, but algorithm.advantage_estimator=gdpo reads the "
+                f"{stray} changes the combined reward, but algorithm.advantage_estimator={name} reads the "
                 f"raw reward components and would ignore it; remove {stray} or use another estimator"
             )
         return self
 
     @property
+    def estimator_meta(self) -> EstimatorMeta:
+        """What the advantage estimator needs (its registry metadata; defaults for a name the
+        registry lacks, which `tidal.config.registry_check` reports)."""
+        return ADVANTAGE_ESTIMATORS.meta(self.advantage_estimator, missing_ok=True)
+
+    @property
+    def needs_group(self) -> bool:
+        """The estimator compares the samples of one prompt (GRPO and kin): rollout.sampling.n >= 2."""
+        return self.estimator_meta.needs_group
+
+    @property
     def needs_sum_pi_squared(self) -> bool:
         """The optimal-token-baseline estimators need sum_pi_squared next to the old log-probs."""
-        return self.advantage_estimator in SUM_PI_SQUARED_ESTIMATORS
+        return self.estimator_meta.needs_sum_pi_squared
 
     @property
     def keeps_reward_components(self) -> bool:
         """GDPO reads each reward component: the reward stage keeps them as `reward_components`."""
-        return self.advantage_estimator == "gdpo"
+        return self.estimator_meta.needs_reward_components
 
     @property
     def par_baseline(self) -> Literal["greedy", "data"] | None:
@@ -376,7 +405,7 @@ class AlgorithmConfig(StrictModel):
     def needs_reward_baselines(self) -> bool:
         """ReMax compares each sample's reward with a greedy response's; PAR with a greedy response's
         or with the data's reference responses' (`par_baseline`)."""
-        return self.advantage_estimator == "remax" or self.par_baseline is not None
+        return self.estimator_meta.needs_reward_baselines or self.par_baseline is not None
 
     @property
     def needs_trainer_log_probs(self) -> bool:

@@ -1,55 +1,47 @@
-"""Check the names and plug-in parameters a job picks from torch-side registries, before any process starts.
+"""Check the names a job picks from the registries, and bind their plug-in parameters.
 
-Kept apart from the schema so that loading a config stays torch-free; callers that are about to
-train (the CLI, the Python API) run this right after validation. Every message names the field,
-the value and the fix.
+Names are checked against the torch-free catalog (tidal/registry.py), so deploy tooling without
+torch checks them too. Binding plug-in parameters to their functions and loading the user's own
+reward functions need the training stack: they run only where torch is importable. Callers that are
+about to train (the CLI, the Python API) run this right after validation. Every message names the
+field, the value and the fix.
 """
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib.util
-from collections.abc import Iterable
 
 from tidal.config.algorithm import PREFERENCE_PROGRAM_FIELDS
 from tidal.config.schema import JobConfig
+from tidal.registry import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    LOSS_AGG_ALIASES,
+    LOSS_AGG_MODES,
+    POLICY_LOSSES,
+    REWARD_FUNCTIONS,
+    check_name,
+)
 
 
-def _check(field: str, value: str, known: Iterable[str]) -> None:
-    known = sorted(known)
-    if value in known:
-        return
-    close = difflib.get_close_matches(value, known, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ValueError(f"{field}={value!r} is not registered; {hint}pick one of {known}")
-
-
-def _check_names(cfg: JobConfig) -> None:
-    from tidal.algorithms import (
-        ADVANTAGE_ESTIMATORS,
-        KL_ESTIMATORS,
-        LOSS_AGG_ALIASES,
-        LOSS_AGG_MODES,
-        POLICY_LOSSES,
-    )
-    from tidal.workers.rewards import REWARD_FUNCTIONS
-
-    _check("algorithm.advantage_estimator", cfg.algorithm.advantage_estimator, ADVANTAGE_ESTIMATORS.names())
-    _check("actor.policy_loss", cfg.actor.policy_loss, POLICY_LOSSES.names())
+def _check_names(cfg: JobConfig, *, load_custom: bool) -> None:
+    """Every registered name the job picks; with `load_custom`, the user's reward functions too."""
+    ADVANTAGE_ESTIMATORS.check("algorithm.advantage_estimator", cfg.algorithm.advantage_estimator)
+    POLICY_LOSSES.check("actor.policy_loss", cfg.actor.policy_loss)
     agg_modes = [*LOSS_AGG_MODES, *LOSS_AGG_ALIASES]
-    _check("actor.loss_agg_mode", cfg.actor.loss_agg_mode, agg_modes)
-    _check("critic.loss_agg_mode", cfg.critic.loss_agg_mode, agg_modes)
-    _check("actor.kl_loss_type", cfg.actor.kl_loss_type, KL_ESTIMATORS.names())
-    _check("algorithm.kl_penalty", cfg.algorithm.kl_penalty, KL_ESTIMATORS.names())
+    check_name("actor.loss_agg_mode", cfg.actor.loss_agg_mode, agg_modes)
+    check_name("critic.loss_agg_mode", cfg.critic.loss_agg_mode, agg_modes)
+    KL_ESTIMATORS.check("actor.kl_loss_type", cfg.actor.kl_loss_type)
+    KL_ESTIMATORS.check("algorithm.kl_penalty", cfg.algorithm.kl_penalty)
     combination = cfg.algorithm.reward_combination
     if combination is None:
-        function = _check_reward_function("reward.function", cfg.reward.function, REWARD_FUNCTIONS)
+        function = _check_reward_function("reward.function", cfg.reward.function, load_custom)
         if function != cfg.reward.function:
             cfg.reward.function = function
         return
     components = [
-        _check_reward_function(f"algorithm.reward_combination.components.{i}", name, REWARD_FUNCTIONS)
+        _check_reward_function(f"algorithm.reward_combination.components.{i}", name, load_custom)
         for i, name in enumerate(combination.components)
     ]
     if components != combination.components:
@@ -61,14 +53,16 @@ def _check_names(cfg: JobConfig) -> None:
         )
 
 
-def _check_reward_function(field: str, spec: str, registry) -> str:
-    """A registered name, or a user function 'pkg.mod:fn' / 'path/file.py:fn' (loaded here and its
-    signature checked). Returns the spec to store: a file path made absolute, so that the Ray
-    workers, whatever their working directory, load the same file."""
-    from tidal.workers.rewards import custom
+def _check_reward_function(field: str, spec: str, load_custom: bool) -> str:
+    """A registered name, or a user function 'pkg.mod:fn' / 'path/file.py:fn' (with `load_custom`,
+    loaded here and its signature checked). Returns the spec to store: a file path made absolute,
+    so that the Ray workers, whatever their working directory, load the same file."""
+    from tidal.workers.rewards import custom  # torch-free
 
     if not custom.is_custom_spec(spec):
-        _check(field, spec, registry.names())
+        REWARD_FUNCTIONS.check(field, spec)
+        return spec
+    if not load_custom:
         return spec
     resolved = custom.absolute_spec(spec)
     try:
@@ -110,12 +104,13 @@ def bind_preference_loss(cfg: JobConfig) -> functools.partial:
 
 
 def check_registered_names(cfg: JobConfig) -> None:
-    if importlib.util.find_spec("torch") is None:  # torch-free deploy tooling skips this check
-        return
+    """Raise ConfigError for a name no registry holds, or a plug-in section that cannot bind."""
     from tidal.config.loader import ConfigError
 
+    training_stack = importlib.util.find_spec("torch") is not None  # torch-free deploy tooling: names only
     try:
-        _check_names(cfg)
-        _check_plugins(cfg)
+        _check_names(cfg, load_custom=training_stack)
+        if training_stack:
+            _check_plugins(cfg)
     except ValueError as err:
         raise ConfigError(f"invalid job configuration:\n  {err}") from None

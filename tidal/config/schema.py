@@ -1,8 +1,9 @@
 """The job configuration: one typed tree, validated before any process starts.
 
 This module imports no torch so deploy tooling (the operator, `tidal submit`) can load and
-check a job without the training stack. Names that live in torch-side registries (advantage
-estimators, losses, reward functions) are checked by `tidal.config.registry_check`.
+check a job without the training stack. Names picked from registries (advantage estimators,
+losses, reward functions) are entries of the torch-free catalog `tidal/registry.py`: the rules
+here read what an entry needs from its metadata, and `tidal.config.registry_check` checks the names.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from tidal.config.algorithm import AlgorithmConfig, KLControlConfig  # noqa: F401  (re-exported)
+from tidal.config.algorithm import (  # noqa: F401  (AlgorithmConfig, KLControlConfig re-exported)
+    AlgorithmConfig,
+    KLControlConfig,
+    option_read_by_others,
+)
 from tidal.config.base import StrictModel
 from tidal.config.streaming import StreamingConfig, TrainerMode
+from tidal.registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES
 
 # --------------------------------------------------------------------------------------- model
 
@@ -178,26 +184,6 @@ class TrainRoleConfig(StrictModel):
     gradient_checkpointing: bool = False
 
 
-# Losses whose aggregation is part of their definition (verl's too): another loss_agg_mode is refused.
-FIXED_AGGREGATION = {
-    "sapo": "seq-mean-token-mean",
-    "geo_mean": "seq-mean-token-mean",
-    "luspo": "seq-mean-token-sum",  # TRL: each sequence's loss is its token sum (length-unbiased)
-    "rloo": "seq-mean-token-mean",  # TRL: one loss per sequence, mean over sequences
-}
-# Parameters that only one policy loss reads: setting them for another loss is a mistake.
-LOSS_ONLY_PARAMS = {
-    "sapo": ("sapo_tau_pos", "sapo_tau_neg"),
-    "clip_cov": ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub"),
-    "kl_cov": ("kl_cov_ratio", "kl_cov_coef"),
-    "dro": ("dro_beta",),
-    "vespo": ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
-}
-# Losses that apply TRL's `delta` cap (TRL: its clipped loss types grpo/bnpo/dr_grpo/dapo and luspo,
-# at token or sequence importance-sampling level: vanilla and gspo here).
-DELTA_LOSSES = frozenset({"vanilla", "gspo", "luspo"})
-
-
 class ActorConfig(TrainRoleConfig):
     policy_loss: str = Field("vanilla", description="name in POLICY_LOSSES (docs/algorithms.md)")
     clip_ratio_low: float = Field(0.2, ge=0, description="PPO clip below: ratio >= 1 - clip_ratio_low")
@@ -213,7 +199,10 @@ class ActorConfig(TrainRoleConfig):
     kl_cov_ratio: float = Field(2e-4, gt=0, le=1, description="KL-Cov: fraction of tokens penalised")
     kl_cov_coef: float = Field(1.0, ge=0, description="KL-Cov: weight of the |log ratio| penalty")
     dro_beta: float | None = Field(
-        None, gt=0, description="DRO: weight of the (log pi - log pi_old)^2 / 2 penalty (required, as in verl)"
+        None,
+        gt=0,
+        description="DRO: weight of the (log pi - log pi_old)^2 / 2 penalty (required, as in verl)",
+        examples=[0.1],
     )
     vespo_k_pos: float = Field(2.0, ge=0, description="VESPO: power k of w in phi(w) where A >= 0 (TRL 2.0)")
     vespo_lambda_pos: float = Field(3.0, ge=0, description="VESPO: decay lambda of phi(w) where A >= 0 (TRL 3.0)")
@@ -243,14 +232,16 @@ class ActorConfig(TrainRoleConfig):
 
     @model_validator(mode="after")
     def _loss_params_match_the_loss(self) -> ActorConfig:
-        for loss, fields in LOSS_ONLY_PARAMS.items():
-            stray = [f for f in fields if f in self.model_fields_set]
-            if stray and self.policy_loss != loss:
-                raise ValueError(
-                    f"actor.{stray[0]} is set but actor.policy_loss={self.policy_loss!r} does not read it; "
-                    f"set actor.policy_loss={loss} or remove actor.{stray[0]}"
-                )
-        fixed = FIXED_AGGREGATION.get(self.policy_loss)
+        """What the loss reads, fixes and requires is its POLICY_LOSSES metadata (tidal/registry.py)."""
+        other = option_read_by_others(POLICY_LOSSES, self.policy_loss, self)
+        if other:
+            field, readers = other
+            raise ValueError(
+                f"actor.{field} is set but actor.policy_loss={self.policy_loss!r} does not read it; "
+                f"set actor.policy_loss={' or '.join(readers)} or remove actor.{field}"
+            )
+        loss = POLICY_LOSSES.meta(self.policy_loss, missing_ok=True)
+        fixed = loss.fixed_aggregation
         if fixed and "loss_agg_mode" in self.model_fields_set and self.loss_agg_mode != fixed:
             raise ValueError(
                 f"actor.loss_agg_mode={self.loss_agg_mode!r} but actor.policy_loss={self.policy_loss} always "
@@ -268,12 +259,18 @@ class ActorConfig(TrainRoleConfig):
                 f"actor.{stray[0]} shapes the KL loss but actor.use_kl_loss=false; set actor.use_kl_loss=true "
                 f"or remove actor.{stray[0]}"
             )
-        if self.policy_loss == "dro" and self.dro_beta is None:
-            raise ValueError("actor.policy_loss=dro needs actor.dro_beta (> 0; verl has no default), e.g. 0.1")
-        if self.delta is not None and self.policy_loss not in DELTA_LOSSES:
+        for field in loss.requires:
+            if getattr(self, field) is None:
+                info = type(self).model_fields[field]
+                example = f", e.g. actor.{field}={info.examples[0]}" if info.examples else ""
+                raise ValueError(
+                    f"actor.policy_loss={self.policy_loss} needs actor.{field}, which has no default "
+                    f"({info.description}); set it{example}"
+                )
+        if self.delta is not None and not loss.applies_delta:
             raise ValueError(
                 f"actor.delta={self.delta} is set but actor.policy_loss={self.policy_loss!r} does not apply it "
-                f"(only {', '.join(sorted(DELTA_LOSSES))}); remove actor.delta"
+                f"(only {', '.join(POLICY_LOSSES.names(applies_delta=True))}); remove actor.delta"
             )
         return self
 
@@ -454,14 +451,14 @@ class JobConfig(StrictModel):
     def critic_enabled(self) -> bool:
         if self.critic.enable is not None:
             return self.critic.enable
-        return self.algorithm.advantage_estimator == "gae"
+        return self.algorithm.estimator_meta.needs_values
 
     @property
     def reference_enabled(self) -> bool:
         if self.reference.enable is not None:
             return self.reference.enable
         if self.algorithm.preference is not None:
-            return self.algorithm.preference.type in REFERENCE_PREFERENCE_LOSSES
+            return PREFERENCE_LOSSES.meta(self.algorithm.preference.type).needs_reference
         return self.actor.use_kl_loss or self.algorithm.use_kl_in_reward
 
     @property
@@ -493,10 +490,10 @@ class JobConfig(StrictModel):
                 f"model.build.sft_steps={build.sft_steps} needs the arithmetic task to train on, but "
                 "data.task is not set; set data.task.type=arithmetic or model.build.sft_steps=0"
             )
-        if self.critic.enable is False and self.algorithm.advantage_estimator == "gae":
+        if self.critic.enable is False and self.algorithm.estimator_meta.needs_values:
             raise ValueError(
-                "critic.enable=false but algorithm.advantage_estimator=gae needs values; "
-                "enable the critic or pick a critic-free estimator such as grpo"
+                f"critic.enable=false but algorithm.advantage_estimator={self.algorithm.advantage_estimator} "
+                "needs values; enable the critic or pick a critic-free estimator such as grpo"
             )
         if self.reference.enable is False and (self.actor.use_kl_loss or self.algorithm.use_kl_in_reward):
             raise ValueError(
@@ -509,8 +506,7 @@ class JobConfig(StrictModel):
                 "turn a KL term on (actor.use_kl_loss=true, as KDRL does, or algorithm.use_kl_in_reward=true) "
                 "or remove reference.model_path"
             )
-        group_estimator = self.algorithm.advantage_estimator in GROUP_ESTIMATORS
-        if group_estimator and self.algorithm.preference is None and self.rollout.sampling.n < 2:
+        if self.algorithm.needs_group and self.algorithm.preference is None and self.rollout.sampling.n < 2:
             raise ValueError(
                 f"algorithm.advantage_estimator={self.algorithm.advantage_estimator} compares samples "
                 f"of one prompt but rollout.sampling.n={self.rollout.sampling.n}; set rollout.sampling.n>=2"
@@ -614,7 +610,7 @@ class JobConfig(StrictModel):
                 f"{stray[0][0]}=true but algorithm.preference.type={loss} trains offline on pairs, without "
                 f"rewards, critic or KL term; remove {stray[0][0]} (or algorithm.preference for RL)"
             )
-        needs_ref = loss in REFERENCE_PREFERENCE_LOSSES
+        needs_ref = PREFERENCE_LOSSES.meta(loss).needs_reference
         if self.reference.enable is not None and self.reference.enable != needs_ref:
             why = "needs the reference log-probs" if needs_ref else "is reference-free"
             raise ValueError(
@@ -625,10 +621,6 @@ class JobConfig(StrictModel):
 
 # Data fields read only for preference pairs.
 PAIR_DATA_FIELDS = ("chosen_key", "rejected_key", "max_response_length")
-# Preference losses that compare the policy with the frozen reference (the others are reference-free).
-REFERENCE_PREFERENCE_LOSSES = frozenset({"dpo"})
-# Estimators that normalise within a prompt's group of samples and so need n >= 2.
-GROUP_ESTIMATORS = frozenset(
-    {"grpo", "grpo_batch_std", "rloo", "grpo_passk", "reinforce_plus_plus_baseline", "opo", "gpg", "gdpo"}
-    | {"optimal_token_baseline", "tir_optimal_token_baseline"}  # peers' returns are the baseline
-)
+# Only for tidal/controller/programs/batch_tasks.py until it asks `cfg.algorithm.needs_group`
+# (the registry metadata, which also covers estimators registered at runtime); then delete.
+GROUP_ESTIMATORS = frozenset(ADVANTAGE_ESTIMATORS.names(needs_group=True))

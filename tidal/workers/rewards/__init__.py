@@ -1,10 +1,8 @@
 """Rewards: rule functions by name (registry) and the scorer that runs them over batches.
 
-Importing this package registers the built-in functions, so a Ray worker that unpickles the
-scorer sees the same names as the driver.
+The built-in names are declared in the catalog (tidal/registry.py) and imported on first use.
 """
 
-from tidal.workers.rewards import arithmetic, math_verify  # noqa: F401  (registers the functions)
 from tidal.workers.rewards.registry import REWARD_FUNCTIONS, RewardFn
 
 __all__ = ["REWARD_FUNCTIONS", "RewardFn"]

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import threading
 
-from tidal.workers.rewards.registry import REWARD_FUNCTIONS
-
 TIMEOUT_S = 5
 
 
@@ -19,7 +17,6 @@ def _timeout() -> int | None:
     return TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
-@REWARD_FUNCTIONS.register("math_verify")
 def math_verify_reward(prompt: str, response: str, ground_truth: str) -> float:
     # Imported on first use: sympy takes seconds to import, which every reward worker would pay.
     from math_verify import parse, verify
