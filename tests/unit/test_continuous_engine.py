@@ -35,7 +35,8 @@ from tidal.workers.engines.embedded.streaming import StreamingGenerator
 from tidal.workers.roles.rollout import RolloutRole
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
-LONG = SamplingConfig(temperature=0.0, max_new_tokens=40)
+# Long enough that a pause requested a few tokens in lands mid-response even on a busy machine.
+LONG = SamplingConfig(temperature=0.0, max_new_tokens=150)
 
 
 @pytest.fixture(autouse=True)
@@ -275,15 +276,16 @@ def test_weight_update_through_pause_and_resume(model_dir: Path, new_weights: di
     assert stats["generated_tokens"] == 4 * 2 * LONG.max_new_tokens and stats["weights_version"] == 1
     assert stats["finished_groups"] == 4 and stats["running_sequences"] == 0 and stats["busy_s"] > 0
     for i, prompt in enumerate(texts):
-        for ids, versions, lps in zip(
-            sink.results[i].response_ids, sink.results[i].versions, sink.results[i].log_probs
-        ):
-            switch = versions.index(1)  # wherever the pause landed, the versions switch once
-            assert 4 <= switch < LONG.max_new_tokens and versions == [0] * switch + [1] * (len(ids) - switch)
-            rest = SamplingConfig(temperature=0.0, max_new_tokens=LONG.max_new_tokens - switch)
-            tokens, log_probs = reference(engine, torch.cat([prompt, torch.tensor(ids[:switch])]), rest, [])
-            assert ids[switch:] == tokens
-            torch.testing.assert_close(torch.tensor(lps[switch:]), log_probs, atol=1e-4, rtol=0)
+        result = sink.results[i]
+        # Greedy samples of one prompt are equal, and the pause hit both at the same token.
+        assert result.response_ids[0] == result.response_ids[1] and result.versions[0] == result.versions[1]
+        ids, versions, lps = result.response_ids[0], result.versions[0], result.log_probs[0]
+        switch = versions.index(1)  # wherever the pause landed, the versions switch once
+        assert 4 <= switch < LONG.max_new_tokens and versions == [0] * switch + [1] * (len(ids) - switch)
+        rest = SamplingConfig(temperature=0.0, max_new_tokens=LONG.max_new_tokens - switch)
+        tokens, log_probs = reference(engine, torch.cat([prompt, torch.tensor(ids[:switch])]), rest, [])
+        assert ids[switch:] == tokens
+        torch.testing.assert_close(torch.tensor(lps[switch:]), log_probs, atol=1e-4, rtol=0)
 
 
 def test_drain_finishes_in_flight_sequences_under_the_old_weights(model_dir: Path) -> None:
@@ -300,8 +302,9 @@ def test_drain_finishes_in_flight_sequences_under_the_old_weights(model_dir: Pat
     generator.resume(version=5)
     poll_until(generator, {0, 1, 2})
     generator.stop(timeout_s=10)
-    assert sink.results[0].versions == [[0] * 40] and sink.results[1].versions == [[0] * 40]
-    assert sink.results[2].versions == [[5] * 40]
+    width = LONG.max_new_tokens
+    assert sink.results[0].versions == [[0] * width] and sink.results[1].versions == [[0] * width]
+    assert sink.results[2].versions == [[5] * width]
 
 
 def test_waits_time_out_naming_the_rank_and_what_they_waited_for(model_dir: Path) -> None:
