@@ -107,19 +107,31 @@ def test_greedy_tokens_equal_the_one_shot_engine_on_each_prompt_alone(model_dir:
 
 
 def test_sampled_requests_depend_on_their_seed_not_on_their_neighbours(model_dir: Path) -> None:
-    engine = EmbeddedEngine(model_dir, max_batch_size=8)
+    engine = EmbeddedEngine(model_dir, max_batch_size=12)
     sampling = SamplingConfig(temperature=0.9, top_k=10, top_p=0.95, max_new_tokens=10)
+    hotter = SamplingConfig(temperature=1.3, max_new_tokens=10)
     texts = prompts([4, 6, 2, 5])
+    stops = engine.eos_token_ids
 
-    def request(i: int, seed: int) -> Request:
-        return Request(i, texts[i], 3, sampling, engine.eos_token_ids, torch.Generator().manual_seed(seed))
+    def request(i: int, seed: int, config: SamplingConfig = sampling) -> Request:
+        return Request(i, texts[i], 3, config, stops, torch.Generator().manual_seed(seed))
 
     alone = run_to_end(ContinuousBatcher(engine), [request(0, 7)])[0]
+    # Neighbours with the same settings, other settings, greedy, and the global generator.
     crowd = run_to_end(
-        ContinuousBatcher(engine), [request(1, 1), request(0, 7), request(2, 2), request(3, 3)]
+        ContinuousBatcher(engine),
+        [
+            request(1, 1),
+            request(0, 7),
+            request(2, 2, hotter),
+            Request(3, texts[3], 2, GREEDY, stops),
+            Request(4, texts[1], 1, sampling, stops),
+        ],
     )
     assert crowd[0].response_ids == alone.response_ids
     torch.testing.assert_close(torch.tensor(crowd[0].log_probs[0]), torch.tensor(alone.log_probs[0]))
+    assert crowd[3].response_ids == [reference(engine, texts[3], GREEDY, stops)[0]] * 2
+    assert len(crowd[2].response_ids) == 3 and len(crowd[4].response_ids) == 1
     other_seed = run_to_end(ContinuousBatcher(engine), [request(0, 8)])[0]
     assert other_seed.response_ids != alone.response_ids
 

@@ -31,7 +31,7 @@ import torch
 
 from tidal.config.schema import SamplingConfig
 from tidal.workers.engines.embedded.engine import EmbeddedEngine
-from tidal.workers.engines.embedded.sampling import sample_next
+from tidal.workers.engines.embedded.sampling import sample_next_per_generator
 
 Status = Literal["done", "truncated", "dropped"]
 StragglerPolicy = Literal["truncate", "drop"]
@@ -278,29 +278,36 @@ class ContinuousBatcher:
         forward.join(states, room, int(self.next_pos.max()) + room + 1)
 
     def _sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One draw per row; rows of one request are drawn together from its own generator."""
+        """One draw per row; the rows of a request draw from its own generator."""
         assert self.logits is not None
-        buckets: dict[tuple, list[int]] = {}
+        # sampling settings -> generator -> rows (None: the global generator)
+        buckets: dict[tuple, dict[int | None, list[int]]] = {}
         for row, seq in enumerate(self.rows):
             request = seq.group.request
             s = request.sampling
-            key = (
-                s.temperature,
-                s.top_k,
-                s.top_p,
-                None if request.generator is None else id(request.generator),
+            by_generator = buckets.setdefault((s.temperature, s.top_k, s.top_p), {})
+            by_generator.setdefault(None if request.generator is None else id(request.generator), []).append(
+                row
             )
-            buckets.setdefault(key, []).append(row)
-        if len(buckets) == 1:
-            (temperature, top_k, top_p, _), _ = next(iter(buckets.items()))
-            return sample_next(self.logits, temperature, top_k, top_p, self.rows[0].group.request.generator)
+        generators = {id(g): g for g in (s.group.request.generator for s in self.rows) if g is not None}
         device = self.logits.device
+        if len(buckets) == 1:
+            (((temperature, top_k, top_p), by_generator),) = buckets.items()
+            draws = [
+                (torch.tensor(rows, device=device), generators.get(key)) for key, rows in by_generator.items()
+            ]
+            return sample_next_per_generator(self.logits, temperature, top_k, top_p, draws)
         tokens = torch.empty(len(self.rows), dtype=torch.long, device=device)
         log_probs = torch.empty(len(self.rows), dtype=torch.float32, device=device)
-        for (temperature, top_k, top_p, _), rows in buckets.items():
-            idx = torch.tensor(rows, device=device)
-            generator = self.rows[rows[0]].group.request.generator
-            tokens[idx], log_probs[idx] = sample_next(self.logits[idx], temperature, top_k, top_p, generator)
+        for (temperature, top_k, top_p), by_generator in buckets.items():
+            idx = torch.tensor([row for rows in by_generator.values() for row in rows], device=device)
+            draws, start = [], 0
+            for key, rows in by_generator.items():
+                draws.append((torch.arange(start, start + len(rows), device=device), generators.get(key)))
+                start += len(rows)
+            tokens[idx], log_probs[idx] = sample_next_per_generator(
+                self.logits[idx], temperature, top_k, top_p, draws
+            )
         return tokens, log_probs
 
     def _keep_rows(self, keep: list[int], tokens: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -60,3 +60,26 @@ def _draw(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     # torch.multinomial takes unnormalised weights; softmax of the -inf-masked logits gives exact 0s.
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_next_per_generator(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    draws: list[tuple[torch.Tensor, torch.Generator | None]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_next` for rows that draw from different generators (one per request, continuous.py).
+
+    `draws` lists (row indices, generator) and covers every row once. The filtering is batched;
+    only the draw runs per generator, so a row's token depends on its logits and its generator alone.
+    """
+    if temperature == 0.0:
+        return sample_next(logits, temperature, top_k, top_p, None)
+    scaled = logits.float() / temperature
+    log_probs = torch.log_softmax(scaled, dim=-1)
+    probs = torch.softmax(apply_top_p(apply_top_k(scaled, top_k), top_p), dim=-1)
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for rows, generator in draws:
+        tokens[rows] = torch.multinomial(probs[rows], 1, generator=generator).squeeze(-1)
+    return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)
