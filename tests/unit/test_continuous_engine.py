@@ -478,9 +478,15 @@ def test_rollout_role_streams_what_generate_returns_into_the_store(
         assert put["lengths"] == (got["prompt_mask"].sum(-1) + got["response_mask"].sum(-1)).tolist()
 
     role.load_weights(new_weights.items(), version=2)  # pauses the (idle) generator
-    role.stream_submit(prompt_rows([5], first_uid=3))
+    wide = prompt_rows([5], first_uid=3)  # 20 columns, 5 tokens: stored as the last 16 columns
+    wide["prompt_ids"] = torch.nn.functional.pad(wide["prompt_ids"], (14, 0))
+    wide["prompt_mask"] = torch.nn.functional.pad(wide["prompt_mask"], (14, 0))
+    role.stream_submit(wide)
     ((uid, num, status, min_version, _),) = poll_role(role, 1)
     assert (uid, num, status, min_version) == ("q3", 2, "done", 2)
+    assert torch.equal(store.puts[-1]["columns"]["prompt_ids"][0], wide["prompt_ids"][0, -16:])
+    with pytest.raises(ValueError, match="17 tokens, more than data.max_prompt_length=16"):
+        role.stream_submit(prompt_rows([17], first_uid=8))
     versions = store.puts[-1]["columns"]["token_versions"]
     assert set(versions[store.puts[-1]["columns"]["response_mask"].bool()].tolist()) == {2}
     with pytest.raises(ValueError, match="already queued or running"):

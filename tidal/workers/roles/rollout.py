@@ -179,6 +179,15 @@ class RolloutRole:
             )
         generator = self._generator()
         sampling = self.cfg.rollout.sampling
+        longest, limit = (
+            int(batch["prompt_mask"].sum(-1).max()) if len(batch) else 0,
+            self.cfg.data.max_prompt_length,
+        )
+        if longest > limit:
+            raise ValueError(
+                f"rollout.stream_submit: a prompt has {longest} tokens, more than data.max_prompt_length={limit} "
+                "(stored prompts are padded to that width so groups concatenate); filter or raise the limit"
+            )
         requests = []
         for row in range(len(batch)):
             seed = int(batch["seed"][row])
@@ -286,11 +295,18 @@ def _pad_right(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
 
 
 def _pad_prompts(batch: Batch, width: int, pad_token_id: int) -> Batch:
-    """Left-pad prompt_ids/prompt_mask to `width` columns, so groups from different submits concatenate."""
+    """Left-padded prompt_ids/prompt_mask of exactly `width` columns (no real token is cut: checked at
+    submit), so groups from different submits concatenate."""
     missing = width - batch["prompt_ids"].shape[1]
-    if missing <= 0:
+    if missing == 0:
         return batch
     out = batch.select(*batch.keys())
+    if missing < 0:  # only padding columns go
+        out["prompt_ids"], out["prompt_mask"] = (
+            batch["prompt_ids"][:, -width:],
+            batch["prompt_mask"][:, -width:],
+        )
+        return out
     out["prompt_ids"] = torch.nn.functional.pad(batch["prompt_ids"], (missing, 0), value=pad_token_id)
     out["prompt_mask"] = torch.nn.functional.pad(batch["prompt_mask"], (missing, 0), value=0)
     return out
