@@ -11,7 +11,7 @@ pauses generation around the write (`write` gets the parameters by Hugging Face 
 the resharder's SyncStats).
 
 `gather_full` and `load_full` are the reference beside it: the trainer gathers full tensors (a
-collective over its ranks) and the engine copies them in by name.
+collective over its ranks) and the engine copies them in by name, through the same hook.
 """
 
 from __future__ import annotations
@@ -126,28 +126,21 @@ def gather_full(source: Iterable[tuple[str, torch.Tensor]], keep: bool) -> dict[
 
 
 def load_full(
-    write_weights: WriteWeights | None,
-    load_weights: Callable[[Iterable[tuple[str, torch.Tensor]], int], object],
-    weights: Mapping[str, torch.Tensor],
-    version: int,
+    write_weights: WriteWeights, weights: Mapping[str, torch.Tensor], version: int
 ) -> dict[str, float]:
-    """Copy full tensors into the engine by name: through `write_weights` where the role has it
-    (generation paused around the write), else its `load_weights`."""
+    """Copy full tensors into the engine's parameters by name, through its `write_weights`."""
     start = time.perf_counter()
-    if write_weights is not None:
 
-        def write(params: Params) -> int:
-            missing = sorted(set(params) - set(weights))
-            if missing:
-                raise ValueError(f"the trainer's full weights lack engine parameters {missing[:5]}")
-            with torch.no_grad():
-                for name, param in params.items():
-                    param.copy_(weights[name])
-            return len(params)
+    def write(params: Params) -> int:
+        missing = sorted(set(params) - set(weights))
+        if missing:
+            raise ValueError(f"the trainer's full weights lack engine parameters {missing[:5]}")
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(weights[name])
+        return len(params)
 
-        write_weights(write, version)
-    else:
-        load_weights(weights.items(), version)
+    write_weights(write, version)
     return {
         "bytes_received": float(sum(t.numel() * t.element_size() for t in weights.values())),
         "seconds": time.perf_counter() - start,

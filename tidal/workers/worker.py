@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -185,8 +184,8 @@ class Worker:
 
     def receive_weights(self, name: str, dst_role: str, version: int) -> dict[str, float]:
         """Receive weights over bridge `name` into `dst_role`'s engine, which serves `version` next."""
-        role, ctx = self._role(dst_role), self._context()
-        write_weights = getattr(role, "write_weights", None) or _write_in_place(role)
+        ctx = self._context()
+        write_weights = self._write_weights(dst_role)
         return self._bridge(name).receive(write_weights, version, ctx.dp_rank, ctx.dp_size)
 
     def bridge_close(self, name: str) -> None:
@@ -205,12 +204,20 @@ class Worker:
         self, dst_role: str, weights: dict[str, torch.Tensor], version: int
     ) -> dict[str, float]:
         """Reference path: copy full tensors (from `gather_weights`) into `dst_role`'s engine."""
-        role = self._role(dst_role)
-        return disaggregated.load_full(
-            getattr(role, "write_weights", None), role.load_weights, weights, version
-        )
+        return disaggregated.load_full(self._write_weights(dst_role), weights, version)
 
     # ------------------------------------------------------------------ helpers
+    def _write_weights(self, role_name: str) -> disaggregated.WriteWeights:
+        """The engine role's `write_weights(write, version)`: `write` fills its parameters in place
+        while generation is paused (RolloutRole.write_weights)."""
+        role = self._role(role_name)
+        if not callable(getattr(role, "write_weights", None)):
+            raise TypeError(
+                f"role {role_name!r} ({type(role).__name__}) has no write_weights(write, version); weights "
+                "arriving from another pool are written through it (see RolloutRole.write_weights)"
+            )
+        return role.write_weights
+
     def _bridge(self, name: str) -> disaggregated.BridgeEnd:
         if name not in self._bridges:
             raise ValueError(f"this worker joined no bridge {name!r}; it joined {sorted(self._bridges)}")
@@ -242,14 +249,3 @@ class Worker:
                 else:
                     values[i] = value.fetch()
         return tuple(values[: len(args)]), dict(zip(kwargs, values[len(args) :]))
-
-
-def _write_in_place(role: Any) -> disaggregated.WriteWeights:
-    """`write_weights` for a rollout role without it: the engine's in-place write, no pause."""
-
-    def write_weights(write: Callable[[dict[str, torch.Tensor]], Any], version: int) -> Any:
-        result = role.engine.load_weights_in_place(write)
-        role.weights_version = version
-        return result
-
-    return write_weights
