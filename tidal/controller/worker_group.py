@@ -6,6 +6,9 @@
     metrics = group.actor.update(batch.union(log_probs))
     group.sync_weights("actor", "rollout", version=1)  # colocated, through the resharder
 
+Roles on two pools (two groups, two worlds) exchange weights through a WeightBridge
+(tidal/controller/weight_bridge.py), which drives the workers' bridge methods.
+
 Every role of the pool is built in every worker process (colocation: they share the device and
 can hand tensors to each other). How a call is split and collected is declared on the role's
 method (`@endpoint`), so the call site reads as the algorithm.

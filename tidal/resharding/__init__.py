@@ -9,8 +9,10 @@
 - messages.py       how one device's share of a plan becomes the buffers it exchanges
 - executor.py       runs one device's share over a transport (`ReshardExecutor`)
 - verify.py         checksums of every target rectangle against its source
-- transports/       in-process copy, torch.distributed p2p (gloo/NCCL), CUDA IPC
+- transports/       in-process copy, torch.distributed p2p (gloo/NCCL), bridge-group p2p, CUDA IPC
 - sync.py           a process's end of a trainer -> engine sync (`Resharder`, `WeightSource/Target`)
 - fsdp_source.py    an FSDP2 module's shards as a `WeightSource`
 - colocated.py      the worker's actor -> rollout sync between roles of one process
+- bridge_group.py   a process group across two pools' workers, beside each one's own world
+- disaggregated.py  the worker's end of an actor pool -> rollout pool sync over that group
 """
