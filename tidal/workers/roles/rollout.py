@@ -243,6 +243,8 @@ class RolloutRole:
         if drain is None:
             drain = not self.stream_settings.interrupt_on_sync
         generator.pause(drain=drain, timeout_s=self.stream_settings.wait_timeout_s)
+        if self.engine.device.type == "cuda":
+            torch.cuda.synchronize(self.engine.device)  # the parked loop's last kernels are done
         try:
             yield
         finally:

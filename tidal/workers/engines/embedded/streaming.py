@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
+import torch
+
 from tidal.workers.engines.embedded.continuous import ContinuousBatcher, GroupResult, Request, StragglerPolicy
 
 # With nothing to do the loop sleeps until a submit wakes it; the timeout only bounds how stale
@@ -157,6 +159,9 @@ class StreamingGenerator:
     # ------------------------------------------------------------------ the two threads
 
     def _run(self) -> None:
+        device = self.batcher.engine.device
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # the current device is per thread
         try:
             while True:
                 with self._cond:
