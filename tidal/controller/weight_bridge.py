@@ -79,7 +79,11 @@ class WeightBridge:
         self._store: dist.TCPStore | None = None  # a client of the bridge's store (reshard)
         if method == "reshard":
             sync = cfg.rollout.weight_sync
-            self._join(int(sync.bucket_mb * (1 << 20)), sync.verify)
+            try:
+                self._join(int(sync.bucket_mb * (1 << 20)), sync.verify)
+            except BaseException:
+                self._release_after_failed_join()
+                raise
 
     # ------------------------------------------------------------------ sync
     def sync(self, version: int, timeout_s: float = 300.0) -> dict[str, float]:
@@ -112,12 +116,13 @@ class WeightBridge:
         """Every rank leaves the bridge group; idempotent. A rank still busy with a failed sync
         leaves once that call ends (the group's timeout bounds it); one that died has nothing to
         release. Waits at most `timeout_s`, then raises TimeoutError naming the ranks still busy."""
+        self._broken = self._broken or "it is closed"
         if not self._joined:
             return
         self._joined = False
         self._store = None
-        self._broken = self._broken or "it is closed"
-        refs = {w.bridge_close.remote(self.name): w for w in self.src_group.workers + self.dst_group.workers}
+        workers = self.src_group.workers + self.dst_group.workers
+        refs = {w.bridge_close.remote(self.name): name for w, name in zip(workers, self._rank_names())}
         ready, busy = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         for ref in ready:
             try:
@@ -126,8 +131,8 @@ class WeightBridge:
                 pass  # a dead worker holds no group any more
         if busy:
             raise TimeoutError(
-                f"WeightBridge {self.name}: {len(busy)} of {len(refs)} ranks did not leave the bridge "
-                f"within {timeout_s:g} s (still busy with an earlier call)"
+                f"WeightBridge {self.name}: {', '.join(refs[ref] for ref in busy)} did not leave the "
+                f"bridge within {timeout_s:g} s (still busy with an earlier call)"
             )
 
     # ------------------------------------------------------------------ helpers
@@ -137,9 +142,7 @@ class WeightBridge:
         store = self.src_group.workers[0].bridge_store.remote(self.name, world, self.timeout_s)
         self._wait([store], [], "opening the bridge's store", self.timeout_s)
         host, port = ray.get(store)
-        self._store = dist.TCPStore(
-            host, port, world, is_master=False, timeout=datetime.timedelta(seconds=self.timeout_s)
-        )
+        self._store = _store_client(host, port)
         self._joined = True  # from here on, close() has something to release
         refs = [
             w.bridge_init.remote(
@@ -148,6 +151,13 @@ class WeightBridge:
             for rank, w in enumerate(workers)
         ]
         self._wait(refs[:num_src], refs[num_src:], "joining the bridge group", self.timeout_s)
+
+    def _release_after_failed_join(self) -> None:
+        """Let the ranks that did join leave again, without hiding why the join failed."""
+        try:
+            self.close(timeout_s=self.timeout_s)
+        except Exception:  # noqa: BLE001 (the join's own error is the one to raise)
+            pass
 
     def _wait(
         self, senders: list, receivers: list, what: str, timeout_s: float, version: int | None = None
@@ -186,13 +196,25 @@ class WeightBridge:
         assert self._store is not None
         names = self._rank_names()
         late = []
-        for rank in busy:
-            key = begun_key(rank)
-            if not self._store.check([key]) or int(self._store.get(key)) != version:
-                late.append(names[rank])
+        try:
+            for rank in busy:
+                key = begun_key(rank)
+                if not self._store.check([key]) or int(self._store.get(key)) != version:
+                    late.append(names[rank])
+        except (RuntimeError, ValueError) as exc:  # the store's server (trainer rank 0) is gone
+            return f"; which of them began is unknown ({exc})"
         if not late:
             return "; every one of them began (a slow or stuck transfer)"
         return f"; {', '.join(late)} never began it (busy with an earlier call?), the others wait on them"
+
+
+def _store_client(host: str, port: int) -> dist.TCPStore | None:
+    """A client of the bridge's store, read only to tell, after a timeout, which ranks never began
+    the sync; None (no such detail in the error) where this process cannot reach the store."""
+    try:
+        return dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=10))
+    except RuntimeError:
+        return None
 
 
 def _metrics(
