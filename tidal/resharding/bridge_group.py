@@ -125,13 +125,14 @@ class BridgeGroup:
                 else self.p2p.recv([op.buf], op.peer, op.tag)
                 for op in ops
             ]
-        self.p2p._start_coalescing(self.device)
+        # (A backend's own coalescing calls take no device: the ops' tensors name it.)
+        self.p2p._start_coalescing()
         for op in ops:
             if op.send:
                 self.p2p.send([op.buf], op.peer, op.tag)
             else:
                 self.p2p.recv([op.buf], op.peer, op.tag)
-        return [self.p2p._end_coalescing(self.device)]
+        return [self.p2p._end_coalescing()]
 
     def close(self) -> None:
         """Release the backends (NCCL's communicator); idempotent."""
