@@ -125,7 +125,7 @@ class FreeFeeder:
     def _poll(self) -> None:
         src, n = self.src, self.src.job.cfg.rollout.sampling.n
         polls = src.job.rollout.stream_poll()
-        self.stats = [p["stats"] for p in polls]
+        self.stats = [{k: v for k, v in p.items() if k != "finished"} for p in polls]
         for rank, poll in enumerate(polls):
             for uid, stored, status, _min_version, _tokens in poll["finished"]:
                 issued = self.in_flight.pop(uid, None)
@@ -164,7 +164,7 @@ class FreeFeeder:
         self.requests += 1
         uid = f"r{self.requests:09d}"
         seed = self.src.job.cfg.trainer.seed * 100_003 + self.requests
-        return _request_row(row, uid, seed, self.src.job.cfg.data.max_prompt_length)
+        return _request_row(row, uid, seed)
 
     def consumed(self, sample_ids: list[Any]) -> list[Batch]:
         """The trainer took (or refused) these samples: forget their requests; returns their rows."""
@@ -209,19 +209,16 @@ def _even_ranges(total: int, parts: int) -> list[tuple[int, int]]:
     return row_ranges(total, parts)
 
 
-def _request_row(row: Batch, uid: str, seed: int, width: int) -> Batch:
-    """The prompt row as a rollout request: left-padded to `width` (data.max_prompt_length, so that
-    requests of any prompt length concatenate in the store), a fresh uid and seed; the prompt's own
-    uid is kept as `prompt_uid` (a re-issued request keeps it)."""
-    ids, mask = row["prompt_ids"], row["prompt_mask"]
-    pad = width - ids.shape[1]
-    if pad < 0:
-        raise ValueError(f"a prompt of {ids.shape[1]} columns is wider than data.max_prompt_length={width}")
-    ids = torch.nn.functional.pad(ids, (pad, 0), value=0)
-    mask = torch.nn.functional.pad(mask, (pad, 0), value=0)
+def _request_row(row: Batch, uid: str, seed: int) -> Batch:
+    """The prompt row as a rollout request: a fresh uid and seed; the prompt's own uid is kept as
+    `prompt_uid` (a re-issued request keeps it). The rollout pads prompts to data.max_prompt_length."""
     texts = {k: list(v) for k, v in row.non_tensors.items() if k != "uid"}
     texts.setdefault("prompt_uid", list(row["uid"]))
     return Batch.from_dict(
-        {"prompt_ids": ids, "prompt_mask": mask, "seed": torch.tensor([seed], dtype=torch.long)},
+        {
+            "prompt_ids": row["prompt_ids"],
+            "prompt_mask": row["prompt_mask"],
+            "seed": torch.tensor([seed], dtype=torch.long),
+        },
         texts | {"uid": [uid]},
     )
