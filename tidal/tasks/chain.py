@@ -47,11 +47,13 @@ class ChainTask:
         if self.sigma < 0:
             raise ValueError(f"ChainTask.sigma={self.sigma} must be >= 0 (0: every chain is one addition)")
         if self.num_train < 1 or self.num_val < 1:
-            raise ValueError(f"ChainTask needs num_train and num_val >= 1, got {self.num_train}, {self.num_val}")
+            raise ValueError(
+                f"ChainTask needs num_train and num_val >= 1, got {self.num_train}, {self.num_val}"
+            )
 
 
 def chain_answer(operands: Sequence[int]) -> str:
-    """"8+9=17+2=19" for (3, 5, 9, 2): the first sum, then "+operand=running sum" per further term."""
+    """The answer to (3, 5, 9, 2) is "8+9=17+2=19": the first sum, then "+operand=running sum" per further term."""
     if len(operands) < 2:
         raise ValueError(f"a chain needs at least two operands, got {list(operands)}")
     total = operands[0] + operands[1]
@@ -118,7 +120,9 @@ def build_chain_model(build: TinyQwen2Build, task: ChainTask, out_dir: Path) -> 
     from tidal.tasks.tokenizer import build_char_tokenizer
 
     if build.sft_target_accuracy is not None:
-        raise ValueError("build_chain_model runs a fixed number of warm-up steps; leave sft_target_accuracy unset")
+        raise ValueError(
+            "build_chain_model runs a fixed number of warm-up steps; leave sft_target_accuracy unset"
+        )
     marker = out_dir / "chain_build.json"
     key = {"build": build.model_dump(mode="json"), "task": asdict(task)}
     if marker.is_file() and json.loads(marker.read_text())["key"] == key:
