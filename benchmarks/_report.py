@@ -93,8 +93,16 @@ def trl_summary(timings, workload: Workload) -> dict[str, Any]:
 
 
 def build_result(
-    workload: Workload, tidal, tidal_error: str | None, trl, expected: list[list[str]]
+    workload: Workload,
+    tidal,
+    tidal_error: str | None,
+    trl,
+    expected: list[list[str]],
+    streaming=None,
+    streaming_error: str | None = None,
 ) -> dict[str, Any]:
+    """`tidal` is the sync runner, `streaming` the runner with trainer.mode=streaming (either may be
+    None: --mode picks which ran); their keys are `tidal_*` and `tidal_streaming_*`."""
     result: dict[str, Any] = {
         "benchmark": "grpo_step",
         "machine": machine_info(),
@@ -107,6 +115,17 @@ def build_result(
             "tidal_gen_tokens_per_s": summary["gen_tokens_per_s"],
             "tidal": summary,
             "tidal_same_prompts": tidal.timings.prompts == expected,
+        }
+    if streaming is not None and streaming_error is None:
+        summary = tidal_summary(streaming.timings, workload)
+        # The rollout thread draws prompts ahead of the trainer (and the store hands them out in
+        # its own order), so check the prompts drawn, in order, not the ones each step trained on.
+        drawn = [p for batch in streaming.timings.prompts for p in batch]
+        wanted = [p for batch in expected for p in batch]
+        result |= {
+            "tidal_streaming_s_per_step": summary["s_per_step"],
+            "tidal_streaming": summary,
+            "tidal_streaming_same_prompts_drawn": drawn[: len(wanted)] == wanted,
         }
     if trl is not None:
         summary = trl_summary(trl, workload)
@@ -123,12 +142,20 @@ def build_result(
         )
         pairs = list(zip(trl.step_s, tidal.timings.step_s))[workload.warmup :]
         result["speedup_median_of_pairs"] = median([a / b for a, b in pairs])
+    if "tidal_streaming" in result and "trl" in result:
+        result["speedup_streaming"] = result["trl_s_per_step"] / result["tidal_streaming_s_per_step"]
+    if "tidal_streaming" in result and "tidal" in result:
+        result["streaming_over_sync"] = result["tidal_s_per_step"] / result["tidal_streaming_s_per_step"]
     if tidal_error is not None:
         result["tidal_error"] = tidal_error.strip().splitlines()[-1]
+    if streaming_error is not None:
+        result["tidal_streaming_error"] = streaming_error.strip().splitlines()[-1]
     return result
 
 
-def print_report(result: dict[str, Any], workload: Workload, tidal_error: str | None) -> None:
+def print_report(
+    result: dict[str, Any], workload: Workload, tidal_error: str | None, streaming_error: str | None = None
+) -> None:
     """The readable table, warnings, then the JSON object as the very last line."""
     m, w = result["machine"], workload
     print(
@@ -138,45 +165,57 @@ def print_report(result: dict[str, Any], workload: Workload, tidal_error: str | 
     print(
         f"machine: {m['cpu_model']}, {m['cpu_count']} CPUs, load {m['load_average_1m']}, torch {m['torch']}\n"
     )
-    tidal, trl = result.get("tidal"), result.get("trl")
+    tidal, trl, streaming = result.get("tidal"), result.get("trl"), result.get("tidal_streaming")
+    sides = [("Tidal", tidal)] if tidal or "tidal_streaming" not in result else []
+    if streaming or streaming_error is not None:
+        sides.append(("Tidal streaming", streaming))
+    sides.append((f"TRL {m['trl']}" if trl else "TRL (not run)", trl))
 
     def cell(summary: dict[str, Any] | None, key: str, fmt: str = "{:.3f}") -> str:
-        return fmt.format(summary[key]) if summary else "-"
+        return fmt.format(summary[key]) if summary and key in summary else "-"
 
     rows = [
-        ("s/step, median", cell(tidal, "s_per_step"), cell(trl, "s_per_step")),
-        ("s/step, fastest step", cell(tidal, "min_s_per_step"), cell(trl, "min_s_per_step")),
-        ("generation s/step, median", cell(tidal, "gen_s"), cell(trl, "gen_s")),
-        ("rest of step s, median", cell(tidal, "rest_s"), cell(trl, "rest_s")),
-        (
-            "generation tokens/s, median",
-            cell(tidal, "gen_tokens_per_s", "{:.0f}"),
-            cell(trl, "gen_tokens_per_s", "{:.0f}"),
-        ),
-        (
-            "mean response length, tokens",
-            cell(tidal, "response_length_mean", "{:.1f}"),
-            cell(trl, "response_length_mean", "{:.1f}"),
-        ),
-        ("  Tidal: score+old log-probs+adv. s", cell(tidal, "score_logprobs_adv_s"), ""),
-        ("  Tidal: actor update s", cell(tidal, "update_s"), ""),
-        ("  Tidal: weight sync s", cell(tidal, "sync_s", "{:.4f}"), ""),
+        ("s/step, median", "s_per_step", "{:.3f}"),
+        ("s/step, fastest step", "min_s_per_step", "{:.3f}"),
+        ("generation s/step, median", "gen_s", "{:.3f}"),
+        ("rest of step s, median", "rest_s", "{:.3f}"),
+        ("generation tokens/s, median", "gen_tokens_per_s", "{:.0f}"),
+        ("mean response length, tokens", "response_length_mean", "{:.1f}"),
+        ("  Tidal: score+old log-probs+adv. s", "score_logprobs_adv_s", "{:.3f}"),
+        ("  Tidal: actor update s", "update_s", "{:.3f}"),
+        ("  Tidal: weight sync s", "sync_s", "{:.4f}"),
     ]
-    header = ("", "Tidal", f"TRL {m['trl']}" if trl else "TRL (not run)")
-    width = max(len(r[0]) for r in rows) + 2
-    col = max(len(c) for r in [header, *rows] for c in r[1:]) + 2
-    for name, a, b in [header, *rows]:
-        print(f"{name:<{width}}{a:>{col}}{b:>{col}}")
+    table = [("", *[name for name, _ in sides])]
+    table += [(label, *[cell(summary, key, fmt) for _, summary in sides]) for label, key, fmt in rows]
+    width = max(len(r[0]) for r in table) + 2
+    col = max(len(c) for r in table for c in r[1:]) + 2
+    for name, *cells in table:
+        print(f"{name:<{width}}" + "".join(f"{c:>{col}}" for c in cells))
+    if streaming:
+        print(
+            "(streaming: generation s is the rollout pool's busy time since the previous step, overlapping "
+            "the trainer; score+old log-probs includes the trainer's wait for samples)"
+        )
     if "speedup" in result:
         print(
             f"\nspeedup = TRL s/step / Tidal s/step: {result['speedup']:.2f}x (medians); "
             f"median of per-step pairs {result['speedup_median_of_pairs']:.2f}x; "
             f"fastest steps {result['speedup_of_fastest_steps']:.2f}x"
         )
+    if "speedup_streaming" in result:
+        print(
+            f"speedup of Tidal streaming = TRL s/step / Tidal streaming s/step: {result['speedup_streaming']:.2f}x"
+        )
+    if "streaming_over_sync" in result:
+        print(f"Tidal sync s/step / Tidal streaming s/step: {result['streaming_over_sync']:.2f}x")
     for side in ("tidal", "trl"):
         if result.get(f"{side}_same_prompts") is False:
             print(f"WARNING: the {side} side did not train on the expected prompts in order", file=sys.stderr)
+    if result.get("tidal_streaming_same_prompts_drawn") is False:
+        print("WARNING: the streaming side did not draw the expected prompts in order", file=sys.stderr)
     if tidal_error is not None:
         print(f"\nTidal side failed:\n{tidal_error}", file=sys.stderr)
+    if streaming_error is not None:
+        print(f"\nTidal streaming side failed:\n{streaming_error}", file=sys.stderr)
     sys.stderr.flush()
     print(json.dumps(result), flush=True)

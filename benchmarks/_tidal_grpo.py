@@ -18,8 +18,12 @@ from _workload import MODEL_BUILD, TASK, Workload
 from tidal.config.schema import JobConfig
 
 
-def config_tree(workload: Workload, model_dir: Path, output_dir: Path) -> dict[str, Any]:
-    return {
+def config_tree(
+    workload: Workload, model_dir: Path, output_dir: Path, streaming: bool = False
+) -> dict[str, Any]:
+    """Sync: one worker with `num_threads` CPUs. Streaming: the same CPUs split between an actor pool
+    and a rollout pool (1 + 1 for the default 2), trainer.max_staleness 1, free schedule."""
+    tree = {
         "model": {"path": str(model_dir), "build": MODEL_BUILD.model_dump(), "dtype": "float32"},
         "data": {"task": TASK.model_dump(), "shuffle": False, "seed": workload.seed},
         "resources": {
@@ -61,13 +65,26 @@ def config_tree(workload: Workload, model_dir: Path, output_dir: Path) -> dict[s
         },
         "logging": {"tensorboard": False, "progress_bar": False, "plot": False, "jsonl": False},
     }
+    if streaming:
+        if workload.num_threads < 2:
+            raise ValueError(
+                f"streaming needs at least 2 CPUs (one per pool), the workload has {workload.num_threads}"
+            )
+        half = workload.num_threads // 2
+        tree["resources"]["pools"] = {
+            "default": {"num_workers": 1, "cpus_per_worker": workload.num_threads - half},
+            "rollout": {"num_workers": 1, "cpus_per_worker": half},
+        }
+        tree["rollout"]["pool"] = "rollout"
+        tree["trainer"] |= {"mode": "streaming", "max_staleness": 1, "streaming": {"schedule": "free"}}
+    return tree
 
 
 def tidal_config(
-    workload: Workload, model_dir: Path, output_dir: Path, *, check_registries: bool
+    workload: Workload, model_dir: Path, output_dir: Path, *, check_registries: bool, streaming: bool = False
 ) -> JobConfig:
     """Validated JobConfig; `check_registries` also checks registry names (needs the torch side)."""
-    tree = config_tree(workload, model_dir, output_dir)
+    tree = config_tree(workload, model_dir, output_dir, streaming)
     if check_registries:
         from tidal.config import config_from_dict
 
@@ -90,22 +107,55 @@ class TidalTimings:
 
 
 class TidalRunner:
-    """Starts the job, syncs weights once, then runs one timed step per `step()` call."""
+    """Starts the job, syncs weights once, then runs one timed step per `step()` call.
+
+    In streaming mode (trainer.mode=streaming) it first attaches what `run_streaming` attaches (the
+    store, the weight bridge, the StreamingSource): `grpo_step` then takes its batches from the
+    store, the version-0 sync starts the rollout thread, and the rollout pool keeps generating
+    between steps (also while the other side of an interleaved comparison runs).
+    """
 
     def __init__(self, cfg: JobConfig):
         from tidal.controller.job import Job
 
         self.timings = TidalTimings()
         self.job = None
+        self._stream_parts: list[Any] = []
         start = time.perf_counter()
         try:
             self.job = Job.start(cfg)
+            if cfg.trainer.mode == "streaming":
+                self._attach_stream()
             self.job.sync_weights(0)
         except BaseException:
             self.shutdown()
             raise
         self.timings.startup_s = time.perf_counter() - start
         self._record_prompts()
+
+    def _attach_stream(self) -> None:
+        """The setup of tidal/controller/streaming/runner.py `run_streaming`, without its loop."""
+        from tidal.controller.streaming.reward_stage import REWARD_TASK
+        from tidal.controller.streaming.runner import store_capacity
+        from tidal.controller.streaming.source import TRAIN_TASK, StreamingSource
+        from tidal.controller.weight_bridge import WeightBridge
+        from tidal.dataflow.store.store import StreamStore
+
+        job = self.job
+        store = StreamStore([REWARD_TASK, TRAIN_TASK], capacity=store_capacity(job))
+        self._stream_parts.append(store)
+        bridge = WeightBridge(job.group_of("actor"), "actor", job.group_of("rollout"), "rollout", job.cfg)
+        self._stream_parts.append(bridge)
+        job.stream = StreamingSource(job, store, bridge)
+        self._stream_parts.append(job.stream)
+
+    def _detach_stream(self) -> None:
+        if self.job is not None:
+            self.job.stream = None
+        stops = {"StreamingSource": "stop", "WeightBridge": "close", "StreamStore": "shutdown"}
+        for part in reversed(self._stream_parts):
+            getattr(part, stops[type(part).__name__])()
+        self._stream_parts = []
 
     def _record_prompts(self) -> None:
         """Keep the prompt texts each step draws, to check both sides trained on the same prompts.
@@ -145,6 +195,7 @@ class TidalRunner:
     def shutdown(self) -> None:
         import ray
 
+        self._detach_stream()
         if self.job is not None:
             self.job.shutdown()
         # Job.start started a local Ray cluster in this process; stop it (ours, so not `ray stop`).

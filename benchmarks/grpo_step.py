@@ -10,6 +10,11 @@ side. Run:
 With --vs-trl both sides run in this one process tree and alternate step by step (TRL step i,
 then Tidal step i), so machine noise hits both alike. Medians over the timed steps are reported;
 the last line of output is one JSON object.
+
+--mode picks Tidal's trainer: sync (the default, as above), streaming (trainer.mode=streaming,
+max_staleness 1, free schedule; the same 2 CPUs split into an actor pool and a rollout pool of 1
+each) or both. A streaming rollout keeps generating between steps, so its steps are not
+interleaved with TRL's: they run back to back after the TRL run (and the interleaved sync side).
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vs-trl", action="store_true", help="also run TRL's GRPOTrainer, interleaved")
     parser.add_argument("--trl-only", action="store_true", help="run only the TRL side (checks the harness)")
     parser.add_argument(
+        "--mode",
+        choices=["sync", "streaming", "both"],
+        default="sync",
+        help="Tidal's trainer.mode; streaming steps run back to back, not interleaved with TRL's",
+    )
+    parser.add_argument(
         "--workdir", type=Path, default=None, help="keep model and outputs here (default: temp)"
     )
     args = parser.parse_args(argv)
@@ -45,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--warmup={args.warmup} must be >= 0")
     if args.trl_only and args.vs_trl:
         parser.error("--trl-only and --vs-trl exclude each other; pick one")
+    if args.trl_only and args.mode != "sync":
+        parser.error(f"--trl-only runs no Tidal side, so --mode={args.mode} has nothing to pick; drop one")
     return args
 
 
@@ -58,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     workload = Workload(steps=args.steps, warmup=args.warmup)
     torch.set_num_threads(workload.num_threads)  # the TRL side (and anything else in this process)
-    run_tidal = not args.trl_only
+    run_tidal = not args.trl_only and args.mode in ("sync", "both")
+    run_streaming = not args.trl_only and args.mode in ("streaming", "both")
     run_trl = args.vs_trl or args.trl_only
 
     with tempfile.TemporaryDirectory(prefix="tidal-bench-") as tmp:
@@ -114,9 +128,31 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if tidal is not None:
                 tidal.shutdown()
-    result = build_result(workload, tidal, tidal_error, trl_timings, expected)
-    print_report(result, workload, tidal_error)
-    return 1 if tidal_error is not None else 0
+        streaming, streaming_error = None, None
+        if run_streaming:
+            streaming, streaming_error = run_streaming_side(workload, model_dir, workdir / "tidal-streaming")
+    result = build_result(workload, tidal, tidal_error, trl_timings, expected, streaming, streaming_error)
+    print_report(result, workload, tidal_error, streaming_error)
+    return 1 if tidal_error is not None or streaming_error is not None else 0
+
+
+def run_streaming_side(workload: Workload, model_dir: Path, output_dir: Path):
+    """All steps of the streaming Tidal side back to back; (runner, None) or (runner or None, traceback)."""
+    from _tidal_grpo import TidalRunner, tidal_config
+
+    runner = None
+    try:
+        runner = TidalRunner(
+            tidal_config(workload, model_dir, output_dir, check_registries=True, streaming=True)
+        )
+        for index in range(workload.total_steps):
+            runner.step(index)
+        return runner, None
+    except Exception:
+        return runner, traceback.format_exc()
+    finally:
+        if runner is not None:
+            runner.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
