@@ -104,6 +104,7 @@ def _join_part(slices: list[Batch]) -> Batch:
 
 # Below this size a whole shard costs less to fetch than a task round trip (a few ms) to cut it.
 SMALL_SHARD_BYTES = 64 * 1024
+LOCATION_TIMEOUT_MS = 10_000  # an owner too busy to answer this fast: fetch through a cut task
 
 
 def _near(refs: list[ray.ObjectRef]) -> dict[ray.ObjectRef, bool]:
@@ -113,12 +114,18 @@ def _near(refs: list[ray.ObjectRef]) -> dict[ray.ObjectRef, bool]:
     or only on other nodes is not near.
     """
     here = ray.get_runtime_context().get_node_id()
-    found = ray.experimental.get_object_locations(refs)
-    return {
+    # Each ref once: Ray answers a duplicate twice into one promise, which aborts the process.
+    unique = list(dict.fromkeys(refs))
+    try:
+        found = ray.experimental.get_object_locations(unique, timeout_ms=LOCATION_TIMEOUT_MS)
+    except ray.exceptions.GetTimeoutError:
+        found = {}
+    near = {
         ref: here in (loc.get("node_ids") or [])
         or (loc.get("object_size") is not None and loc["object_size"] <= SMALL_SHARD_BYTES)
         for ref, loc in found.items()
     }
+    return {ref: near.get(ref, False) for ref in unique}  # a failed lookup: not near
 
 
 @ray.remote(num_cpus=0)
