@@ -20,7 +20,7 @@ from tidal.config.algorithm import (  # noqa: F401  (AlgorithmConfig, KLControlC
 )
 from tidal.config.base import StrictModel
 from tidal.config.streaming import StreamingConfig, TrainerMode
-from tidal.registry import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, PREFERENCE_LOSSES
+from tidal.registry import POLICY_LOSSES, PREFERENCE_LOSSES
 
 # --------------------------------------------------------------------------------------- model
 
@@ -621,6 +621,3 @@ class JobConfig(StrictModel):
 
 # Data fields read only for preference pairs.
 PAIR_DATA_FIELDS = ("chosen_key", "rejected_key", "max_response_length")
-# Only for tidal/controller/programs/batch_tasks.py until it asks `cfg.algorithm.needs_group`
-# (the registry metadata, which also covers estimators registered at runtime); then delete.
-GROUP_ESTIMATORS = frozenset(ADVANTAGE_ESTIMATORS.names(needs_group=True))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from tidal.algorithms.plugins import configured_plugins
-from tidal.config.schema import GROUP_ESTIMATORS, JobConfig
+from tidal.config.schema import JobConfig
 from tidal.dataflow.batch import Batch
 from tidal.dataflow.distributed_batch import DistributedBatch
 from tidal.workers.rewards.custom import label
@@ -92,7 +92,7 @@ def drop_failed_rewards(batch: Batch, cfg: JobConfig) -> tuple[Batch, list[bool]
     """`rows_to_keep` over a scored batch (uid, reward_error): (keep column, keep)."""
     failed = [error is not None for error in batch["reward_error"]]
     uids = [str(uid) for uid in batch["uid"]]
-    group_estimator = cfg.algorithm.advantage_estimator in GROUP_ESTIMATORS
+    group_estimator = cfg.algorithm.needs_group
     keep = rows_to_keep(failed, uids, cfg.reward.on_error, group_estimator)
     return Batch.from_dict({"keep": torch.tensor(keep, dtype=torch.bool)}), keep
 
