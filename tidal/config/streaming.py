@@ -53,3 +53,8 @@ class StreamingConfig(StrictModel):
         description="the longest any stage waits for another (a ready batch, a weight sync, a store slot) "
         "before failing with an error that names who waited for what",
     )
+    ledger: bool = Field(
+        False,
+        description="write <output_dir>/streaming_ledger.jsonl: per step, the sample ids trained, refused as "
+        "stale and dropped (an audit that no sample is lost or trained twice)",
+    )

@@ -102,26 +102,28 @@ def score_samples(job: Job, batch: DistributedBatch) -> tuple[DistributedBatch, 
     """
     num_samples = len(batch)
     batch, metrics, first_error = score_with_errors(job, batch)
-    return drop_failed(job, batch, metrics, first_error, num_samples)
+    batch, metrics, _ = drop_failed(job, batch, metrics, first_error, num_samples)
+    return batch, metrics
 
 
 def drop_failed(
     job: Job, batch: DistributedBatch, metrics: dict[str, float], first_error: str | None, num_samples: int
-) -> tuple[DistributedBatch, dict[str, float]]:
+) -> tuple[DistributedBatch, dict[str, float], list[bool] | None]:
     """The second half of `score_samples` for a scored batch: stop on too many failures (counted
-    over `num_samples`), else drop per `reward.on_error`; adds reward/num_dropped."""
+    over `num_samples`), else drop per `reward.on_error`; adds reward/num_dropped. Also returns
+    the rows kept (None: all)."""
     from tidal.workers.rewards.scorer import check_error_share
 
     metrics = dict(metrics)
     check_error_share(metrics["reward/num_errors"], num_samples, first_error, job.cfg.reward, "sample")
     metrics["reward/num_dropped"] = 0.0
     if metrics["reward/num_errors"] == 0 or job.cfg.reward.on_error == "score":
-        return batch, metrics
+        return batch, metrics, None
     _, keep = job.run_task(batch_tasks.drop_failed_rewards, batch.select("uid", "reward_error"), job.cfg)
     metrics["reward/num_dropped"] = float(len(keep) - sum(keep))
     if not all(keep):
         batch = take_rows(job, [batch], [keep])
-    return batch, metrics
+    return batch, metrics, keep
 
 
 def filter_groups(

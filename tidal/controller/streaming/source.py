@@ -18,6 +18,7 @@ error names who waited for what.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_TASK = "train"
 READY_FIELDS = ("response_mask", "seq_reward")  # a sample is trainable once it has a reward
+LEDGER_FILE = "streaming_ledger.jsonl"
 
 
 class StageFailed(RuntimeError):
@@ -79,6 +81,8 @@ class StreamingSource:
         self.started_at = time.perf_counter()
         self.counters = {"stale": 0, "regenerated": 0, "filtered": 0, "reward_dropped": 0}
         self._last = {"time": time.perf_counter(), "rollout_busy": 0.0, "gen_tokens": 0.0}
+        self._train_since: float | None = None  # when the trainer last got a batch
+        self.ledger_path = job.output_dir / LEDGER_FILE if self.settings.ledger else None
 
     # ------------------------------------------------------------------ threads
     def start(self) -> None:
@@ -165,6 +169,8 @@ class StreamingSource:
         settings = cfg.algorithm.dynamic_sampling
         quota = DynamicSamplingQuota(cfg.trainer.prompts_per_step, settings.max_rounds) if settings else None
         min_version = job.version - self.max_staleness
+        began = time.perf_counter()
+        entry: dict[str, list[Any]] = {"trained": [], "stale": [], "dropped": []}
         batches: list[DistributedBatch] = []
         keeps: list[list[bool]] = []
         versions: list[int] = []
@@ -176,12 +182,14 @@ class StreamingSource:
             start = time.perf_counter()
             taken = self._take(groups * n, min_version, step)
             waited += time.perf_counter() - start
+            entry["stale"] += taken.stale
             versions += [v for v in taken.versions if v is not None]
             if isinstance(self.feeder, FreeFeeder):
                 self.feeder.consumed(taken.ids)
             metrics, first_error, rows = self.ledger.drain(step if self.deterministic else None)
             rows = rows or len(taken.ids)
-            batch, metrics = stages.drop_failed(job, taken.batch, metrics, first_error, rows)
+            batch, metrics, kept = stages.drop_failed(job, taken.batch, metrics, first_error, rows)
+            ids = _kept(taken.ids, kept, entry["dropped"])
             dropped = len(taken.ids) - len(batch)
             self.counters["reward_dropped"] += dropped
             self.admission.give_back(dropped)
@@ -191,8 +199,10 @@ class StreamingSource:
             reward_means.append(({k: v for k, v in metrics.items() if k.endswith("/mean")}, rows))
             if quota is None:
                 batches.append(batch)
+                entry["trained"] += ids
                 break
             keep, _ = stages.filter_groups(job, batch, quota)
+            entry["trained"] += _kept(ids, keep, entry["dropped"])
             filtered = len(keep) - sum(keep)
             self.counters["filtered"] += filtered
             self.admission.give_back(filtered)
@@ -207,6 +217,14 @@ class StreamingSource:
         if quota is not None:
             metrics |= quota.metrics()
         metrics |= self._stream_metrics(job.version, versions, waited)
+        now = time.perf_counter()
+        if self._train_since is not None:  # the trainer's work between two batches vs its wait for this one
+            busy = began - self._train_since
+            metrics["streaming/train_busy_ratio"] = busy / max(busy + waited, 1e-9)
+        self._train_since = now
+        if self.ledger_path is not None:
+            with self.ledger_path.open("a") as f:
+                f.write(json.dumps({"step": step, **{k: [str(i) for i in v] for k, v in entry.items()}}) + "\n")
         return out, None, metrics
 
     def _take(self, num_samples: int, min_version: int, step: int) -> Any:
@@ -314,6 +332,14 @@ class StreamingSource:
             self.feeder.load_state_dict(state["feeder"], stored)
         else:
             self.feeder.load_state_dict(state["feeder"])
+
+
+def _kept(ids: list[Any], keep: list[bool] | None, dropped: list[Any]) -> list[Any]:
+    """`ids` whose rows `keep` keeps (None: all); the others are appended to `dropped`."""
+    if keep is None:
+        return list(ids)
+    dropped += [i for i, k in zip(ids, keep) if not k]
+    return [i for i, k in zip(ids, keep) if k]
 
 
 def _merge_means(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
