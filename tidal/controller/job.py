@@ -169,11 +169,15 @@ class Job:
 
     @property
     def needs_old_log_probs(self) -> bool:
-        """On-policy updates (one optimizer step per sample, no KL in the reward) skip the extra
-        forward: the actor then uses its current log-probs, detached, as the old ones (ratio 1)."""
+        """On-policy updates (one optimizer step per sample, no KL in the reward, fresh data) skip
+        the extra forward: the actor then uses its current log-probs, detached, as the old ones
+        (ratio 1)."""
         cfg = self.cfg
         on_policy = cfg.sizes.num_mini_batches == 1 and cfg.actor.epochs == 1
-        return not on_policy or cfg.algorithm.use_kl_in_reward
+        # Streaming with staleness: the data is off-policy; the trainer's log-probs of it give the
+        # mismatch metrics (rollout/mismatch_kl) and the proximal policy of decoupled PPO.
+        stale = cfg.trainer.mode == "streaming" and cfg.trainer.max_staleness > 0
+        return not on_policy or stale or cfg.algorithm.use_kl_in_reward
 
     # ------------------------------------------------------------------ driver-side services
     run_task = staticmethod(run_task)

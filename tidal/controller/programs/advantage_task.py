@@ -171,6 +171,11 @@ def step_metrics(
         gap = (batch["old_log_probs"] - batch["rollout_log_probs"]).abs() * mask
         metrics["rollout/logprob_gap_max"] = float(gap.max())
         metrics["rollout/logprob_gap_mean"] = float(gap.sum() / mask.sum())
+        # KL(rollout || trainer) per token, k3 estimator (non-negative, low variance): the
+        # train/inference mismatch, which in streaming mode also holds the data's staleness.
+        log_ratio = (batch["old_log_probs"] - batch["rollout_log_probs"]).clamp(-20, 20)
+        k3 = (log_ratio.exp() - 1 - log_ratio) * mask
+        metrics["rollout/mismatch_kl"] = float(k3.sum() / mask.sum())
     lengths = mask.sum(-1)
     has_rows = len(lengths) > 0
     return metrics | {
