@@ -6,7 +6,8 @@ number of additions per problem is ceil(lognormal(0, 1)) capped at 10, so the ri
 step waits for its longest sample; a streaming rollout keeps generating while the trainer trains.
 
 Model: the quickstart's tiny Qwen2 (4 layers, hidden 256, fp32) with a supervised warm-up on the
-task's training split (`--sft-steps`, lr 1e-3, batch 64), so that rewards start non-trivial.
+task's training split (`--sft-steps`, lr 1e-3, batch 32, chains of at most 3 additions),
+so that rewards start non-trivial.
 Built once, before any timed run, and shared by all runs.
 
 Runs, each in its own process with its own Ray cluster, same prompts (data seed = run seed), same
@@ -18,14 +19,16 @@ steps x prompts x samples (so the same number of trained samples), same optimize
 Order: all variants for seed 0, then in reverse order for seed 1, and so on (alternating), so that
 slow drifts of the shared machine's load hit every variant alike.
 
-Timed wall (see _async_run.py): initial evaluation + sum of perf/step_s (model building, Ray start
-and the final evaluation excluded). Speedups are ratios of timed walls summed over the seeds:
+Timed wall (see _async_run.py): the sum of perf/step_s over the steps after the first
+--warmup-steps (default 2), i.e. steady state at equal trained samples; model building, Ray start,
+evaluations and the warm-up steps' one-off costs are outside it (reported as warmup_s, eval0_s and
+process_s per run). Speedups are ratios of timed walls summed over the seeds:
 speedup_s1 = sync wall / free_s1 wall. Held-out reward = greedy exact match on the validation
 split after the last step (`val/reward`), averaged over the seeds; with two seeds the spread
 between them (reported) is the noise.
 
-    python benchmarks/async_vs_sync.py            # 2 seeds x 4 variants, 12 steps of 8 x 8; ~12 min
-    python benchmarks/async_vs_sync.py --quick    # 1 seed, 3 steps of 4 x 4; ~2-3 min (smoke run)
+    python benchmarks/async_vs_sync.py            # 2 seeds x 4 variants, 2 + 14 steps of 8 x 8; ~12 min
+    python benchmarks/async_vs_sync.py --quick    # sync and free_s1, 1 seed, 1 + 2 steps of 4 x 4; ~2-3 min
 
 The last line of output is one JSON object.
 """
@@ -60,15 +63,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--prompts-per-step", type=int, default=None, help="default 8 (--quick 4)")
     parser.add_argument("--n", type=int, default=None, help="samples per prompt (default 8; --quick 4)")
-    parser.add_argument("--sft-steps", type=int, default=400, help="supervised warm-up steps of the model")
+    parser.add_argument("--sft-steps", type=int, default=200, help="supervised warm-up steps of the model")
     parser.add_argument("--num-eval-prompts", type=int, default=None, help="held-out prompts (default 256)")
     parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        choices=list(VARIANTS),
+        help="default: all (--quick: sync free_s1)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep model, data and runs here")
     args = parser.parse_args(argv)
     defaults = {
         "seeds": (1, 2),
-        "steps": (3, 12),
+        "steps": (3, 16),
+        "warmup_steps": (1, 2),
         "prompts_per_step": (4, 8),
         "n": (4, 8),
         "num_eval_prompts": (64, 256),
@@ -76,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, (quick, full) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
+    if args.variants is None:
+        args.variants = ["sync", "free_s1"] if args.quick else list(VARIANTS)
+    if args.steps <= args.warmup_steps:
+        parser.error(f"--steps={args.steps} leaves no timed step after --warmup-steps={args.warmup_steps}")
     if "sync" not in args.variants:
         parser.error("--variants must include sync: every speedup is relative to it")
     return args
@@ -90,7 +104,7 @@ def prepare(workdir: Path, sft_steps: int) -> dict[str, str]:
     train, val = make_chain_splits(task)
     build = TinyQwen2Build(
         num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=688,
-        sft_steps=sft_steps, sft_batch_size=64, sft_lr=1e-3,
+        sft_steps=sft_steps, sft_batch_size=32, sft_lr=1e-3,
     )  # fmt: skip
     start = time.perf_counter()
     report = build_chain_model(build, task, workdir / f"model-sft{sft_steps}")
@@ -111,7 +125,7 @@ def schedule(variants: list[str], seeds: int) -> list[tuple[str, int]]:
     return order
 
 
-def run_one(spec: dict, workdir: Path) -> dict:
+def run_one(spec: dict, workdir: Path, warmup_steps: int) -> dict:
     name = f"{spec['variant']}-seed{spec['seed']}"
     spec_path = workdir / "specs" / f"{name}.json"
     spec_path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +141,9 @@ def run_one(spec: dict, workdir: Path) -> dict:
         (workdir / f"{name}.log").write_text(proc.stdout + proc.stderr)
         tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no stderr"
         raise RuntimeError(f"run {name} failed (exit {proc.returncode}): {tail}; log: {workdir / name}.log")
-    summary = summarise(Path(spec["output_dir"]) / "metrics.jsonl", spec["prompts_per_step"] * spec["n"])
+    summary = summarise(
+        Path(spec["output_dir"]) / "metrics.jsonl", spec["prompts_per_step"] * spec["n"], warmup_steps
+    )
     return summary | {"process_s": total, "variant": spec["variant"], "seed": spec["seed"]}
 
 
@@ -156,6 +172,7 @@ def aggregate(runs: list[dict], variants: list[str]) -> dict[str, dict]:
             "val_reward_initial": mean("val_reward_initial"),
             "val_reward_final": mean("val_reward_final"),
             "val_reward_final_per_seed": [r["val_reward_final"] for r in mine],
+            "val_reward_errors": sum(r["val_reward_errors"] for r in mine),
             "reward_train_mean": mean("reward_train_mean"),
         }
         if "reward_busy_s" in mine[0]:
@@ -230,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
                 "num_eval_prompts": args.num_eval_prompts,
                 "output_dir": str(workdir / "runs" / f"{variant}-seed{seed}"),
             }
-            run = run_one(spec, workdir)
+            run = run_one(spec, workdir, args.warmup_steps)
             runs.append(run)
             print(
-                f"{variant} seed {seed}: timed wall {run['wall_s']:.1f} s (process {run['process_s']:.0f} s), "
+                f"{variant} seed {seed}: timed wall {run['wall_s']:.1f} s (warm-up steps {run['warmup_s']:.1f} s, "
+                f"eval0 {run['eval0_s']:.1f} s, process {run['process_s']:.0f} s), "
                 f"gen {run['gen_s']:.1f} s, val reward {run['val_reward_initial']:.3f} -> "
                 f"{run['val_reward_final']:.3f}, staleness {run['staleness_mean']:.2f}",
                 flush=True,
@@ -256,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             "lr": args.lr,
             "sft_steps": args.sft_steps,
             "num_eval_prompts": args.num_eval_prompts,
-            "timed_wall": "initial eval + sum of perf/step_s",
+            "warmup_steps": args.warmup_steps,
+            "timed_wall": "sum of perf/step_s after the warm-up steps",
         },
     }
     print(json.dumps(result), flush=True)
