@@ -32,6 +32,7 @@ from tidal.controller.streaming.admission import Admission
 from tidal.controller.streaming.feeders import DeterministicFeeder, FreeFeeder, batch_of
 from tidal.controller.streaming.reward_stage import REWARD_TASK, RewardLedger, RewardStage
 from tidal.dataflow.distributed_batch import DistributedBatch
+from tidal.observability.metrics import truncate_jsonl
 
 if TYPE_CHECKING:
     from tidal.controller.job import Job
@@ -155,6 +156,8 @@ class StreamingSource:
             self.rollout_version = version
             self.cond.notify_all()
         if not self.threads:
+            if self.ledger_path is not None:  # steps after the restored one are redone by this run
+                truncate_jsonl(self.ledger_path, version + 1)
             if self.job.stream_resume is not None:  # a resumed run continues the stream it saved
                 self.load_state_dict(self.job.stream_resume)
                 self.job.stream_resume = None
