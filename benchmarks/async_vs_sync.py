@@ -59,7 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 3 steps of 4 prompts x 4")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 2; --quick 1)")
     parser.add_argument(
-        "--steps", type=int, default=None, help="trained steps per run (default 12; --quick 3)"
+        "--steps", type=int, default=None, help="trained steps per run (default 16; --quick 3)"
+    )
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="untimed first steps (default 2; --quick 1)"
     )
     parser.add_argument("--prompts-per-step", type=int, default=None, help="default 8 (--quick 4)")
     parser.add_argument("--n", type=int, default=None, help="samples per prompt (default 8; --quick 4)")
