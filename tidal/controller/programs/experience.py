@@ -52,6 +52,7 @@ def make_experience(job: Job, step: int) -> tuple[DistributedBatch, dict[str, fl
     metrics["perf/experience_s"] = time.perf_counter() - start
     tokens = adv_metrics["response/length_mean"] * num_samples
     metrics["perf/gen_tokens_per_s"] = tokens / max(metrics["perf/gen_s"], 1e-9)
+    metrics["perf/trained_tokens"] = adv_metrics["response/length_mean"] * len(batch)
     return batch, metrics
 
 

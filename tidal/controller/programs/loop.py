@@ -61,6 +61,8 @@ def run_steps(
         metrics = step_fn(job, step)
         metrics |= stages.sync_weights(job, version=step)
         metrics["perf/step_s"] = time.perf_counter() - start
+        if "perf/trained_tokens" in metrics:  # response tokens the update saw, per second of the step
+            metrics["perf/trained_tokens_per_s"] = metrics["perf/trained_tokens"] / metrics["perf/step_s"]
         every = cfg.trainer.eval_every
         if step == cfg.trainer.total_steps or (every and step % every == 0):
             metrics |= evaluate(job)
