@@ -5,7 +5,7 @@ importance sampling, all picked from config and run by the unchanged program (ti
 from __future__ import annotations
 
 import pytest
-from tiny_job import ONE_WORKER, QUIET, tiny_model
+from tiny_job import ONE_WORKER, QUIET, WARM_ARITHMETIC, tiny_model
 
 from tidal.config import load_config
 from tidal.controller.run import train
@@ -20,12 +20,7 @@ def test_configured_plugins_run_in_the_grpo_program(tmp_path):
         None,
         [
             *tiny_model(tmp_path / "model"),
-            "model.build.sft_steps=60",  # some answers right, some wrong: groups with reward variance
-            "model.build.sft_batch_size=32",
-            "data.task.type=arithmetic",
-            "data.task.max_digits=1",
-            "data.task.num_train=2000",
-            "data.task.num_val=8",
+            *WARM_ARITHMETIC,
             *ONE_WORKER,
             "rollout.sampling.n=4",
             "rollout.sampling.max_new_tokens=4",

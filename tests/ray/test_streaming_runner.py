@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tiny_job import QUIET, tiny_model
+from tiny_job import QUIET, WARM_ARITHMETIC, tiny_model
 
 from tidal.config import load_config
 from tidal.controller.run import train
@@ -33,12 +33,7 @@ def model_dir(tmp_path_factory) -> Path:
 def overrides(model: Path, out: Path, *extra: str) -> list[str]:
     return [
         *tiny_model(model),
-        "model.build.sft_steps=60",  # some answers right, some wrong: groups with reward variance
-        "model.build.sft_batch_size=32",
-        "data.task.type=arithmetic",
-        "data.task.max_digits=1",
-        "data.task.num_train=2000",
-        "data.task.num_val=8",
+        *WARM_ARITHMETIC,
         "resources.pools.default.num_workers=1",
         "resources.pools.default.cpus_per_worker=1",
         "resources.pools.rollout.num_workers=1",

@@ -24,3 +24,15 @@ def tiny_model(
         "model.build.num_kv_heads=1",
         f"model.build.intermediate_size={intermediate_size}",
     ]
+
+
+# The 1-digit arithmetic task on a model warmed up until some answers are right and some wrong, so
+# that groups have reward variance (dynamic sampling, advantages that move the policy).
+WARM_ARITHMETIC = [
+    "model.build.sft_steps=60",
+    "model.build.sft_batch_size=32",
+    "data.task.type=arithmetic",
+    "data.task.max_digits=1",
+    "data.task.num_train=2000",
+    "data.task.num_val=8",
+]
