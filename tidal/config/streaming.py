@@ -58,3 +58,9 @@ class StreamingConfig(StrictModel):
         description="write <output_dir>/streaming_ledger.jsonl: per step, the sample ids trained, refused as "
         "stale and dropped (an audit that no sample is lost or trained twice)",
     )
+    max_rollout_restarts: int = Field(
+        3,
+        ge=0,
+        description="free schedule: how many times a run restarts its rollout pool after a rollout worker "
+        "dies (the requests it had in flight are issued again) before it gives up with an error",
+    )

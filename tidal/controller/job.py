@@ -135,6 +135,26 @@ class Job:
             val_prompts = PromptDataset.from_task(cfg.data.task, "val", cfg.data, tokenizer)
             self.val_prompts = _held_out_batch(cfg, val_prompts)
 
+    def restart_group(self, pool_name: str) -> WorkerGroup:
+        """Kill every worker of pool `pool_name` and start the pool again from its config (all its
+        ranks: they share one torch world). The new workers start from the model's initial weights.
+        Refuses a pool hosting a trained role, whose state would be lost."""
+        if pool_name not in self.groups:
+            raise ValueError(f"no worker group runs on pool {pool_name!r}; the job has {sorted(self.groups)}")
+        roles = {
+            name: cls for name, cls in role_classes(self.cfg).items() if self._role_pool[name] == pool_name
+        }
+        trained = [name for name in roles if name in self._trained_roles()]
+        if trained:
+            raise ValueError(
+                f"pool {pool_name!r} hosts the trained role(s) {trained}; restarting it would lose their "
+                "state (restore them from a checkpoint instead)"
+            )
+        self.groups[pool_name].shutdown()
+        pool = ResourcePool(pool_name, self.cfg.resources.pools[pool_name])
+        self.groups[pool_name] = WorkerGroup(pool, roles, self.cfg)
+        return self.groups[pool_name]
+
     def shutdown(self) -> Path | None:
         for group in self.groups.values():
             group.shutdown()

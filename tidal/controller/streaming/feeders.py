@@ -6,7 +6,9 @@
   bit; with 1 or 2 the run is still a pure function of the seeds (repeats and resumes match).
 - `FreeFeeder`: the rollout pool generates continuously (continuous batching, new weights taken
   mid-generation); the feeder admits requests under AReaL's rule (admission.py), one group per
-  prompt, and tracks what is in flight so that nothing is lost or generated twice.
+  prompt, and tracks what is in flight so that nothing is lost or generated twice. A rollout
+  worker that dies is reported to the source's RolloutRecovery (recovery.py), which restarts the
+  pool and hands back what was in flight (`restart_stream`).
 
 Both run in the source's rollout thread and share its condition variable and state (source.py).
 """
@@ -17,6 +19,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+import ray
 import torch
 
 from tidal.controller.programs import stages
@@ -24,6 +27,7 @@ from tidal.dataflow.batch import Batch
 
 if TYPE_CHECKING:
     from tidal.controller.streaming.source import StreamingSource
+    from tidal.controller.worker_group import WorkerGroup
 
 POLL_INTERVAL_S = 0.02  # free schedule: how often the feeder looks at the rollout ranks
 
@@ -108,6 +112,7 @@ class FreeFeeder:
         self.stored: dict[str, Batch] = {}  # uid -> request row, finished and not yet trained
         self.started = False
         self.stats: list[dict[str, Any]] = []  # each rank's cumulative stats, from its last poll
+        self.stats_base: list[dict[str, float]] = []  # the same totals of the pools that died
         self.counts = {"done": 0, "truncated": 0, "dropped": 0}
 
     # ------------------------------------------------------------------ loop
@@ -117,15 +122,23 @@ class FreeFeeder:
             src.job.rollout.stream_start(src.store, src.settings)
             self.started = True
         while not src.stopping:
-            with src.feeder_lock:
-                self._poll()
-                self._submit()
+            generation = src.recovery.generation
+            try:
+                with src.feeder_lock:
+                    self._poll()
+                    self._submit()
+            except ray.exceptions.RayActorError as err:  # a rollout worker died: restarted, then go on
+                src.recovery.report(err, generation)
+                continue
             time.sleep(POLL_INTERVAL_S)
 
     def _poll(self) -> None:
         src, n = self.src, self.src.job.cfg.rollout.sampling.n
         polls = src.job.rollout.stream_poll()
         self.stats = [{k: v for k, v in p.items() if k != "finished"} for p in polls]
+        for stats, base in zip(self.stats, self.stats_base):
+            for key, value in base.items():
+                stats[key] = stats.get(key, 0) + value
         for rank, poll in enumerate(polls):
             for uid, stored, status, _min_version, _tokens in poll["finished"]:
                 issued = self.in_flight.pop(uid, None)
@@ -147,13 +160,13 @@ class FreeFeeder:
         if groups == 0:
             return
         rows = [self._next_prompt() for _ in range(groups)]
-        batch = Batch.concat(rows)
-        src.job.rollout.stream_submit(batch)
         now = time.monotonic()
+        # In flight before the call: if a rank dies during it, the restart issues them again.
         for rank, (lo, hi) in enumerate(_even_ranges(groups, ranks)):
             for row in rows[lo:hi]:
                 self.in_flight[row["uid"][0]] = (rank, row, now)
                 src.admission.submit(rank, src.job.cfg.rollout.sampling.n)
+        src.job.rollout.stream_submit(Batch.concat(rows))
 
     def _next_prompt(self) -> Batch:
         """A one-row request: a re-issued prompt first, else the loader's next; a fresh uid and seed."""
@@ -177,10 +190,48 @@ class FreeFeeder:
         they get a fresh uid and seed when submitted."""
         self.queue.extendleft(reversed(rows))
 
+    def restart_stream(self, stored: dict[str, bool], group: WorkerGroup) -> tuple[int, int]:
+        """The rollout pool died and `group` replaces it: settle what the dead pool had in flight and
+        start streaming on `group`. `stored`: request uid -> whether the store holds its whole group
+        (a worker puts a group in one put, so a group is there whole or not at all; a put admitted
+        and never committed does not count). Those are kept as finished; the others are issued
+        again with a fresh uid, their running budget cancelled. Returns (kept, reissued)."""
+        src, n = self.src, self.src.job.cfg.rollout.sampling.n
+        kept, lost = [], []
+        for uid, (rank, row, _start) in self.in_flight.items():
+            if stored.get(uid, False):
+                self.stored[uid] = row
+                src.admission.finish(rank, n, n)
+                kept.append(uid)
+            else:
+                src.admission.cancel(rank, n)
+                lost.append(row)
+        self.in_flight.clear()
+        self.reissue(lost)
+        self.stats_base = [
+            {k: float(v) for k, v in s.items() if k == "generated_tokens" or k.endswith("_s")}
+            for s in self.stats
+        ]
+        pending = group.rollout.stream_start.submit(src.store, src.settings)
+        timeout = src.settings.wait_timeout_s
+        _, busy = ray.wait(pending.refs, num_returns=len(pending.refs), timeout=timeout)
+        if busy:
+            raise TimeoutError(
+                f"the rollout pool restart waited trainer.streaming.wait_timeout_s={timeout:g}s for rollout "
+                f"rank(s) {[r.rank for r, ref in zip(pending.ranks, pending.refs) if ref in busy]} "
+                "to start streaming"
+            )
+        pending.result()
+        self.started = True
+        return len(kept), len(lost)
+
     def stop(self) -> list[str]:
         if not self.started:
             return []
-        unfinished = [uid for per_rank in self.src.job.rollout.stream_stop() for uid in per_rank]
+        try:
+            unfinished = [uid for per_rank in self.src.job.rollout.stream_stop() for uid in per_rank]
+        except ray.exceptions.RayActorError:  # a pool that died at the end: nothing left to stop
+            unfinished = []
         self.started = False
         return unfinished
 

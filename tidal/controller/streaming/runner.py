@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from tidal.controller.programs.loop import StepFn, run_steps
+from tidal.controller.streaming.recovery import rollout_bridge
 from tidal.controller.streaming.reward_stage import REWARD_TASK
 from tidal.controller.streaming.source import TRAIN_TASK, StreamingSource
 
@@ -32,7 +33,6 @@ def store_capacity(job: Job) -> int:
 
 
 def run_streaming(job: Job, step_fn: StepFn) -> dict[str, float]:
-    from tidal.controller.weight_bridge import WeightBridge
     from tidal.dataflow.store.store import StreamStore
 
     cfg = job.cfg
@@ -44,13 +44,12 @@ def run_streaming(job: Job, step_fn: StepFn) -> dict[str, float]:
             cfg.trainer.max_staleness,
         )
     store = StreamStore([REWARD_TASK, TRAIN_TASK], capacity=store_capacity(job))
-    bridge = WeightBridge(job.group_of("actor"), "actor", job.group_of("rollout"), "rollout", cfg)
-    source = StreamingSource(job, store, bridge)
+    source = StreamingSource(job, store, rollout_bridge(job))
     job.stream = source
     try:
         return run_steps(job, step_fn)
     finally:
         job.stream = None
         source.stop()
-        bridge.close()
+        source.bridge.close()  # the one in use: a rollout restart replaces it
         store.shutdown()

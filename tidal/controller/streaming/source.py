@@ -30,6 +30,7 @@ from tidal.algorithms import DynamicSamplingQuota
 from tidal.controller.programs import stages
 from tidal.controller.streaming.admission import Admission
 from tidal.controller.streaming.feeders import DeterministicFeeder, FreeFeeder, batch_of
+from tidal.controller.streaming.recovery import RolloutRecovery
 from tidal.controller.streaming.reward_stage import REWARD_TASK, RewardLedger, RewardStage
 from tidal.dataflow.distributed_batch import DistributedBatch
 from tidal.observability.metrics import truncate_jsonl
@@ -84,6 +85,7 @@ class StreamingSource:
         self._last = {"time": time.perf_counter(), "rollout_busy": 0.0, "gen_tokens": 0.0}
         self._train_since: float | None = None  # when the trainer last got a batch
         self.ledger_path = job.output_dir / LEDGER_FILE if self.settings.ledger else None
+        self.recovery = RolloutRecovery(self)  # restarts the rollout pool when a worker dies
 
     # ------------------------------------------------------------------ threads
     def start(self) -> None:
@@ -151,7 +153,7 @@ class StreamingSource:
                 f"the weight sync of version {version} waited for the rollout thread to finish batch {through} "
                 f"(the last one of the older version)",
             )
-        metrics = self.bridge.sync(version, timeout_s=self.settings.wait_timeout_s)
+        metrics = self.recovery.sync(version)  # through self.bridge, rebuilt if a rollout worker died
         with self.cond:
             self.rollout_version = version
             self.cond.notify_all()
@@ -236,6 +238,7 @@ class StreamingSource:
         timeout = self.settings.wait_timeout_s
         while True:
             self.check()
+            self.recovery.restart_if_lost()
             try:
                 taken = self.store.take(
                     TRAIN_TASK,
@@ -280,6 +283,7 @@ class StreamingSource:
             "streaming/reward_dropped": float(self.counters["reward_dropped"]),
             "streaming/admission_room": float(self.admission.room(version)),
             "streaming/budget_returned": float(self.admission.returned),
+            "streaming/rollout_restarts": float(self.recovery.restarts),
         }
         for lag in range(self.max_staleness + 1):
             out[f"streaming/staleness_hist/{lag}"] = float(sum(s == lag for s in staleness))
