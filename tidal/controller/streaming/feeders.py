@@ -26,6 +26,7 @@ from tidal.controller.programs import stages
 from tidal.dataflow.batch import Batch
 
 if TYPE_CHECKING:
+    from tidal.controller.streaming.admission import Admission
     from tidal.controller.streaming.source import StreamingSource
     from tidal.controller.worker_group import WorkerGroup
 
@@ -196,16 +197,9 @@ class FreeFeeder:
         (a worker puts a group in one put, so a group is there whole or not at all; a put admitted
         and never committed does not count). Those are kept as finished; the others are issued
         again with a fresh uid, their running budget cancelled. Returns (kept, reissued)."""
-        src, n = self.src, self.src.job.cfg.rollout.sampling.n
-        kept, lost = [], []
-        for uid, (rank, row, _start) in self.in_flight.items():
-            if stored.get(uid, False):
-                self.stored[uid] = row
-                src.admission.finish(rank, n, n)
-                kept.append(uid)
-            else:
-                src.admission.cancel(rank, n)
-                lost.append(row)
+        src = self.src
+        kept, lost = settle_in_flight(self.in_flight, stored, src.admission, src.job.cfg.rollout.sampling.n)
+        self.stored |= kept
         self.in_flight.clear()
         self.reissue(lost)
         self.stats_base = [
@@ -252,6 +246,27 @@ class FreeFeeder:
                 self.stored[uid] = row
             else:
                 self.queue.append(row)
+
+
+def settle_in_flight(
+    in_flight: dict[str, tuple[int, Batch, float]],
+    stored: dict[str, bool],
+    admission: Admission,
+    group_size: int,
+) -> tuple[dict[str, Batch], list[Batch]]:
+    """The requests a dead rollout pool had in flight: those whose whole group is in the store
+    (`stored[uid]` true) count as finished and kept (uid -> request row); the others are withdrawn
+    (their running budget cancelled) and returned, in issue order, to be issued again."""
+    kept: dict[str, Batch] = {}
+    lost: list[Batch] = []
+    for uid, (rank, row, _start) in in_flight.items():
+        if stored.get(uid, False):
+            admission.finish(rank, group_size, group_size)
+            kept[uid] = row
+        else:
+            admission.cancel(rank, group_size)
+            lost.append(row)
+    return kept, lost
 
 
 def _even_ranges(total: int, parts: int) -> list[tuple[int, int]]:

@@ -93,10 +93,11 @@ class RolloutRecovery:
             if self.generation == generation and self.lost is None:
                 self.lost = err
             src.cond.notify_all()
+        dead = dead_ranks(src.job.group_of("rollout")) if self.generation == generation else []
         src.wait_for(
             lambda: self.generation != generation,
-            f"the rollout thread lost a rollout worker ({_first_line(err)}) and waited for the trainer's "
-            f"thread to restart the rollout pool (it does so at its next take or weight sync)",
+            f"the rollout thread lost {_ranks(dead)} ({_first_line(err)}) and waited for the trainer's "
+            "thread to restart the rollout pool (it does so at its next take or weight sync)",
         )
 
     # ------------------------------------------------------------------ the trainer's thread
@@ -125,7 +126,7 @@ class RolloutRecovery:
         src, job = self.src, self.src.job
         pool = job.cfg.rollout.pool
         dead = dead_ranks(job.group_of("rollout"))
-        who = f"rollout rank {', '.join(map(str, dead))}" if dead else "a rollout worker (rank unknown)"
+        who = _ranks(dead)
         if src.deterministic:
             raise RuntimeError(
                 f"{who} of pool {pool!r} died ({_first_line(err)}); the deterministic schedule does not "
@@ -156,7 +157,8 @@ class RolloutRecovery:
             metrics = src.bridge.sync(version, timeout_s=src.settings.wait_timeout_s)
             with src.cond:
                 src.rollout_version = version
-            kept, reissued = src.feeder.restart_stream(_stored_groups(src), group)
+            index = ray.get(src.store.controller.state_dict.remote(), timeout=src.settings.wait_timeout_s)
+            kept, reissued = src.feeder.restart_stream(complete_groups(index["samples"]), group)
             with src.cond:
                 self.generation += 1
                 self.lost = None
@@ -173,16 +175,19 @@ class RolloutRecovery:
         return metrics
 
 
-def _stored_groups(src: StreamingSource) -> dict[str, bool]:
-    """Request uid -> whether its samples are complete in the store (every field the rollout puts
-    committed), for each group the store holds: its index only, no payload. A put of the dead
-    worker may have been admitted and never committed: that group is not complete."""
+def complete_groups(samples: list[tuple]) -> dict[str, bool]:
+    """Request uid -> whether its samples are complete in the store (their fields committed), for
+    each group in the store index's `samples` (StoreIndex.state_dict: no payload). A put of the
+    dead worker may have been admitted and never committed: that group is not complete."""
     complete: dict[str, bool] = {}
-    index = ray.get(src.store.controller.state_dict.remote(), timeout=src.settings.wait_timeout_s)
-    for sid, _meta, fields, _consumed in index["samples"]:
+    for sid, _meta, fields, _consumed in samples:
         uid = str(sid).split("/", 1)[0]
         complete[uid] = complete.get(uid, True) and bool(fields)
     return complete
+
+
+def _ranks(dead: list[int]) -> str:
+    return f"rollout rank {', '.join(map(str, dead))}" if dead else "a rollout worker (rank unknown)"
 
 
 def _first_line(err: BaseException) -> str:
@@ -190,4 +195,4 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
-__all__ = ["RolloutRecovery", "dead_ranks", "is_actor_death", "rollout_bridge"]
+__all__ = ["RolloutRecovery", "complete_groups", "dead_ranks", "is_actor_death", "rollout_bridge"]
