@@ -4,12 +4,15 @@ with the admission budget settled; and which errors mean an actor died."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import ray
 import torch
 
 from tidal.controller.streaming.admission import Admission
 from tidal.controller.streaming.feeders import settle_in_flight
-from tidal.controller.streaming.recovery import complete_groups, is_actor_death
+from tidal.controller.streaming.recovery import RolloutRecovery, complete_groups, is_actor_death
 from tidal.dataflow.batch import Batch
 
 N = 4  # samples per group
@@ -48,3 +51,18 @@ def test_an_actor_death_is_recognised_through_the_errors_raised_from_it():
     except RuntimeError as wrapped:
         assert is_actor_death(wrapped)
     assert not is_actor_death(RuntimeError("a gloo error"))
+
+
+def test_a_death_after_max_rollout_restarts_ends_the_run_naming_the_setting():
+    gone = SimpleNamespace(workers=[])  # a pool with no live worker to ask
+    job = SimpleNamespace(
+        cfg=SimpleNamespace(rollout=SimpleNamespace(pool="rollout")), group_of=lambda role: gone
+    )
+    source = SimpleNamespace(settings=SimpleNamespace(max_rollout_restarts=0), deterministic=False, job=job)
+    recovery = RolloutRecovery(source)
+    with pytest.raises(RuntimeError, match=r"giving up \(trainer.streaming.max_rollout_restarts=0\)"):
+        recovery.restart(3, ray.exceptions.ActorDiedError())
+    assert recovery.restarts == 0
+    source.deterministic = True
+    with pytest.raises(RuntimeError, match="deterministic schedule does not restart"):
+        RolloutRecovery(source).restart(3, ray.exceptions.ActorDiedError())

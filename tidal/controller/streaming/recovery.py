@@ -50,6 +50,8 @@ def rollout_bridge(job: Job) -> WeightBridge:
 def dead_ranks(group: WorkerGroup, timeout_s: float = PING_TIMEOUT_S) -> list[int]:
     """Ranks of `group` whose worker is gone. A rank still busy with an earlier call (it answers
     pings in turn) counts as alive when `timeout_s` runs out."""
+    if not group.workers:  # shut down already
+        return []
     refs = {w.ping.remote(): rank for rank, w in enumerate(group.workers)}
     ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     dead = []
@@ -117,9 +119,9 @@ class RolloutRecovery:
         try:
             return src.bridge.sync(version, timeout_s=src.settings.wait_timeout_s)
         except Exception as err:
-            if src.deterministic or not (is_actor_death(err) or dead_ranks(src.job.group_of("rollout"))):
+            if not (is_actor_death(err) or dead_ranks(src.job.group_of("rollout"))):
                 raise
-            return self.restart(version, err)
+            return self.restart(version, err)  # (the deterministic schedule raises there, saying why)
 
     def restart(self, version: int, err: BaseException) -> dict[str, float]:
         """Start the rollout pool again, serving `version`; returns the weight sync's metrics."""
@@ -157,8 +159,7 @@ class RolloutRecovery:
             metrics = src.bridge.sync(version, timeout_s=src.settings.wait_timeout_s)
             with src.cond:
                 src.rollout_version = version
-            index = ray.get(src.store.controller.state_dict.remote(), timeout=src.settings.wait_timeout_s)
-            kept, reissued = src.feeder.restart_stream(complete_groups(index["samples"]), group)
+            kept, reissued = src.feeder.restart_stream(complete_groups(_store_index(src)["samples"]), group)
             with src.cond:
                 self.generation += 1
                 self.lost = None
@@ -184,6 +185,18 @@ def complete_groups(samples: list[tuple]) -> dict[str, bool]:
         uid = str(sid).split("/", 1)[0]
         complete[uid] = complete.get(uid, True) and bool(fields)
     return complete
+
+
+def _store_index(src: StreamingSource) -> dict:
+    """The store's index (which samples it holds, with which fields), without any payload."""
+    timeout = src.settings.wait_timeout_s
+    try:
+        return ray.get(src.store.controller.state_dict.remote(), timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(
+            f"the rollout pool restart waited trainer.streaming.wait_timeout_s={timeout:g}s for the store's "
+            "index (to tell which requests in flight already reached the store)"
+        ) from None
 
 
 def _ranks(dead: list[int]) -> str:
