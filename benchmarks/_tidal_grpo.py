@@ -187,7 +187,12 @@ class TidalRunner:
         t.sync_s.append(end - mid)
         t.step_s.append(end - start)
         t.gen_s.append(metrics["perf/gen_s"])
-        t.gen_tokens_per_s.append(metrics["perf/gen_tokens_per_s"])
+        # Streaming: generation overlaps the step and perf/gen_s is the rollout's busy time since the
+        # previous step (0 when its stats had not arrived yet), so take the rollout's own token rate.
+        streaming = self.job.stream is not None
+        t.gen_tokens_per_s.append(
+            metrics["streaming/rollout_tokens_per_s" if streaming else "perf/gen_tokens_per_s"]
+        )
         t.response_length.append(metrics["response/length_mean"])
         t.update_s.append(metrics["perf/update_s"])
         t.experience_s.append(metrics["perf/experience_s"])
