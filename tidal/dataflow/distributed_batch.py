@@ -104,7 +104,6 @@ def _join_part(slices: list[Batch]) -> Batch:
 
 # Below this size a whole shard costs less to fetch than a task round trip (a few ms) to cut it.
 SMALL_SHARD_BYTES = 64 * 1024
-LOCATION_TIMEOUT_MS = 10_000  # an owner too busy to answer this fast: fetch through a cut task
 
 
 def _near(refs: list[ray.ObjectRef]) -> dict[ray.ObjectRef, bool]:
@@ -114,12 +113,12 @@ def _near(refs: list[ray.ObjectRef]) -> dict[ray.ObjectRef, bool]:
     or only on other nodes is not near.
     """
     here = ray.get_runtime_context().get_node_id()
-    # Each ref once: Ray answers a duplicate twice into one promise, which aborts the process.
+    # Each ref once, and no timeout: Ray's core worker aborts the whole process (SIGABRT, a promise
+    # set twice in GetLocationFromOwner) when a reply arrives for a ref it already answered, which
+    # a duplicate ref or a reply coming back after a timeout both cause. Owners are live actors or
+    # tasks' callers, so the query returns.
     unique = list(dict.fromkeys(refs))
-    try:
-        found = ray.experimental.get_object_locations(unique, timeout_ms=LOCATION_TIMEOUT_MS)
-    except ray.exceptions.GetTimeoutError:
-        found = {}
+    found = ray.experimental.get_object_locations(unique)
     near = {
         ref: here in (loc.get("node_ids") or [])
         or (loc.get("object_size") is not None and loc["object_size"] <= SMALL_SHARD_BYTES)
