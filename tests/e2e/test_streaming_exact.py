@@ -43,6 +43,7 @@ def run(quickstart: Path, model: Path, out: Path, steps: int, *extra: str) -> No
             "checkpoint.save_every=2",
             "checkpoint.keep_last=5",
             "resources.pools.default.cpus_per_worker=1",
+            "reward.timeout_s=120",  # a busy box starts reward workers slowly; a timeout would end the run
             "logging.progress_bar=false",
             "logging.tensorboard=false",
             "logging.plot=false",

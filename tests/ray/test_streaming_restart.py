@@ -42,6 +42,7 @@ def overrides(model: Path, out: Path) -> list[str]:
         "resources.pools.rollout.cpus_per_worker=1",
         "rollout.pool=rollout",
         "reward.num_parallel=1",
+        "reward.timeout_s=120",  # a busy box starts reward workers slowly
         f"rollout.sampling.n={N}",
         "rollout.sampling.max_new_tokens=4",
         f"trainer.prompts_per_step={GROUPS}",

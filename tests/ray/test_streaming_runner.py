@@ -40,6 +40,7 @@ def overrides(model: Path, out: Path, *extra: str) -> list[str]:
         "resources.pools.rollout.cpus_per_worker=1",
         "rollout.pool=rollout",
         "reward.num_parallel=1",
+        "reward.timeout_s=120",  # a busy box starts reward workers slowly; a timeout would end the run
         "rollout.sampling.n=4",
         "rollout.sampling.max_new_tokens=4",
         "trainer.prompts_per_step=4",
