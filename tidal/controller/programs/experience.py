@@ -51,7 +51,8 @@ def make_experience(job: Job, step: int) -> tuple[DistributedBatch, dict[str, fl
     metrics |= adv_metrics
     metrics["perf/experience_s"] = time.perf_counter() - start
     tokens = adv_metrics["response/length_mean"] * num_samples
-    metrics["perf/gen_tokens_per_s"] = tokens / max(metrics["perf/gen_s"], 1e-9)
+    if metrics["perf/gen_s"] > 0:  # streaming: 0 when the rollout reported no busy time since the last step
+        metrics["perf/gen_tokens_per_s"] = tokens / metrics["perf/gen_s"]
     metrics["perf/trained_tokens"] = adv_metrics["response/length_mean"] * len(batch)
     return batch, metrics
 
