@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from tiny_job import QUIET, tiny_model
+from tiny_job import QUIET, TWO_POOLS, tiny_model
 
 from tidal.config import load_config
 from tidal.controller.job import Job
@@ -36,13 +36,7 @@ def overrides(model: Path, out: Path) -> list[str]:
         "data.task.max_digits=1",
         "data.task.num_train=200",
         "data.task.num_val=4",
-        "resources.pools.default.num_workers=1",
-        "resources.pools.default.cpus_per_worker=1",
-        "resources.pools.rollout.num_workers=1",
-        "resources.pools.rollout.cpus_per_worker=1",
-        "rollout.pool=rollout",
-        "reward.num_parallel=1",
-        "reward.timeout_s=120",  # a busy box starts reward workers slowly
+        *TWO_POOLS,
         f"rollout.sampling.n={N}",
         "rollout.sampling.max_new_tokens=4",
         f"trainer.prompts_per_step={GROUPS}",

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tiny_job import QUIET, WARM_ARITHMETIC, tiny_model
+from tiny_job import QUIET, TWO_POOLS, WARM_ARITHMETIC, tiny_model
 
 from tidal.config import load_config
 from tidal.controller.run import train
@@ -34,13 +34,7 @@ def overrides(model: Path, out: Path, *extra: str) -> list[str]:
     return [
         *tiny_model(model),
         *WARM_ARITHMETIC,
-        "resources.pools.default.num_workers=1",
-        "resources.pools.default.cpus_per_worker=1",
-        "resources.pools.rollout.num_workers=1",
-        "resources.pools.rollout.cpus_per_worker=1",
-        "rollout.pool=rollout",
-        "reward.num_parallel=1",
-        "reward.timeout_s=120",  # a busy box starts reward workers slowly; a timeout would end the run
+        *TWO_POOLS,
         "rollout.sampling.n=4",
         "rollout.sampling.max_new_tokens=4",
         "trainer.prompts_per_step=4",

@@ -36,3 +36,15 @@ WARM_ARITHMETIC = [
     "data.task.num_train=2000",
     "data.task.num_val=8",
 ]
+
+# Streaming mode on the tiny box: the actor's pool and the rollout's, one 1-CPU worker each, one
+# reward process whose slow start on a busy box must not count as a reward timeout.
+TWO_POOLS = [
+    "resources.pools.default.num_workers=1",
+    "resources.pools.default.cpus_per_worker=1",
+    "resources.pools.rollout.num_workers=1",
+    "resources.pools.rollout.cpus_per_worker=1",
+    "rollout.pool=rollout",
+    "reward.num_parallel=1",
+    "reward.timeout_s=120",
+]
