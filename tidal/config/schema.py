@@ -19,7 +19,7 @@ from tidal.config.algorithm import (  # noqa: F401  (AlgorithmConfig, KLControlC
     option_read_by_others,
 )
 from tidal.config.base import StrictModel
-from tidal.config.streaming import StreamingConfig, TrainerMode
+from tidal.config.streaming import StreamingConfig, TrainerMode, check_mode
 from tidal.registry import POLICY_LOSSES, PREFERENCE_LOSSES
 
 # --------------------------------------------------------------------------------------- model
@@ -521,54 +521,8 @@ class JobConfig(StrictModel):
                     f"set algorithm.preference.type (dpo, simpo or redi) or remove data.{pair_keys[0]}"
                 )
         self._check_reference_responses()
-        self._check_mode()
+        check_mode(self)  # sync colocates actor and rollout, streaming separates them
         return self
-
-    def _check_mode(self) -> None:
-        """Sync mode colocates actor and rollout; streaming runs them on separate pools."""
-        actor_pool, rollout_pool = self.actor.pool, self.rollout.pool
-        if self.trainer.mode == "sync":
-            if rollout_pool != actor_pool:
-                raise ValueError(
-                    f"rollout.pool={rollout_pool!r} differs from actor.pool={actor_pool!r}; sync mode "
-                    "syncs weights in-process, so colocate them (same pool) or set trainer.mode=streaming"
-                )
-            if "streaming" in self.trainer.model_fields_set:
-                raise ValueError(
-                    "trainer.streaming is set but trainer.mode=sync never reads it; "
-                    "set trainer.mode=streaming or remove trainer.streaming"
-                )
-            return
-        if self.algorithm.preference is not None:
-            raise ValueError(
-                f"trainer.mode=streaming but algorithm.preference.type={self.algorithm.preference.type} "
-                "trains offline on fixed pairs (nothing to stream); set trainer.mode=sync"
-            )
-        if rollout_pool == actor_pool:
-            raise ValueError(
-                f"trainer.mode=streaming runs rollout and training side by side, but rollout.pool and "
-                f"actor.pool are both {actor_pool!r}; define a second pool (resources.pools.rollout) "
-                "and set rollout.pool=rollout"
-            )
-        if self.algorithm.needs_reward_baselines:
-            raise ValueError(
-                "trainer.mode=streaming cannot score reward baselines (ReMax, PAR): they need the current "
-                "policy's greedy responses at training time, which the streaming rollout does not make; "
-                "use a group estimator (grpo, rloo, ...) or trainer.mode=sync"
-            )
-        if self.trainer.streaming.schedule == "deterministic" and self.algorithm.dynamic_sampling is not None:
-            raise ValueError(
-                "trainer.streaming.schedule=deterministic generates each step's batch once, but "
-                "algorithm.dynamic_sampling refills steps with more rounds; use trainer.streaming.schedule=free "
-                "(dynamic sampling works there) or remove algorithm.dynamic_sampling"
-            )
-        for role in ("critic", "reference"):
-            enabled = self.critic_enabled if role == "critic" else self.reference_enabled
-            if enabled and getattr(self, role).pool == rollout_pool:
-                raise ValueError(
-                    f"{role}.pool={rollout_pool!r} is the rollout's pool; in streaming mode the rollout "
-                    f"pool only generates: set {role}.pool={actor_pool!r}"
-                )
 
     def _check_reference_responses(self) -> None:
         """PAR's data baseline and data.reference_response_key go together, and need data files."""

@@ -5,11 +5,14 @@ Torch-free like the rest of the config. What each setting does is told in docs/s
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from tidal.config.base import StrictModel
+
+if TYPE_CHECKING:
+    from tidal.config.schema import JobConfig
 
 TrainerMode = Literal["sync", "streaming"]
 
@@ -64,3 +67,50 @@ class StreamingConfig(StrictModel):
         description="free schedule: how many times a run restarts its rollout pool after a rollout worker "
         "dies (the requests it had in flight are issued again) before it gives up with an error",
     )
+
+
+def check_mode(cfg: JobConfig) -> None:
+    """Sync mode colocates actor and rollout; streaming runs them on separate pools."""
+    actor_pool, rollout_pool = cfg.actor.pool, cfg.rollout.pool
+    if cfg.trainer.mode == "sync":
+        if rollout_pool != actor_pool:
+            raise ValueError(
+                f"rollout.pool={rollout_pool!r} differs from actor.pool={actor_pool!r}; sync mode "
+                "syncs weights in-process, so colocate them (same pool) or set trainer.mode=streaming"
+            )
+        if "streaming" in cfg.trainer.model_fields_set:
+            raise ValueError(
+                "trainer.streaming is set but trainer.mode=sync never reads it; "
+                "set trainer.mode=streaming or remove trainer.streaming"
+            )
+        return
+    if cfg.algorithm.preference is not None:
+        raise ValueError(
+            f"trainer.mode=streaming but algorithm.preference.type={cfg.algorithm.preference.type} "
+            "trains offline on fixed pairs (nothing to stream); set trainer.mode=sync"
+        )
+    if rollout_pool == actor_pool:
+        raise ValueError(
+            f"trainer.mode=streaming runs rollout and training side by side, but rollout.pool and "
+            f"actor.pool are both {actor_pool!r}; define a second pool (resources.pools.rollout) "
+            "and set rollout.pool=rollout"
+        )
+    if cfg.algorithm.needs_reward_baselines:
+        raise ValueError(
+            "trainer.mode=streaming cannot score reward baselines (ReMax, PAR): they need the current "
+            "policy's greedy responses at training time, which the streaming rollout does not make; "
+            "use a group estimator (grpo, rloo, ...) or trainer.mode=sync"
+        )
+    if cfg.trainer.streaming.schedule == "deterministic" and cfg.algorithm.dynamic_sampling is not None:
+        raise ValueError(
+            "trainer.streaming.schedule=deterministic generates each step's batch once, but "
+            "algorithm.dynamic_sampling refills steps with more rounds; use trainer.streaming.schedule=free "
+            "(dynamic sampling works there) or remove algorithm.dynamic_sampling"
+        )
+    for role in ("critic", "reference"):
+        enabled = cfg.critic_enabled if role == "critic" else cfg.reference_enabled
+        if enabled and getattr(cfg, role).pool == rollout_pool:
+            raise ValueError(
+                f"{role}.pool={rollout_pool!r} is the rollout's pool; in streaming mode the rollout "
+                f"pool only generates: set {role}.pool={actor_pool!r}"
+            )
