@@ -31,7 +31,7 @@ from tidal.controller.programs import stages
 from tidal.controller.streaming.admission import Admission
 from tidal.controller.streaming.feeders import DeterministicFeeder, FreeFeeder, batch_of
 from tidal.controller.streaming.recovery import RolloutRecovery
-from tidal.controller.streaming.reward_stage import REWARD_TASK, RewardLedger, RewardStage
+from tidal.controller.streaming.reward_stage import RewardLedger, RewardStage
 from tidal.dataflow.distributed_batch import DistributedBatch
 from tidal.observability.metrics import truncate_jsonl
 
@@ -80,7 +80,6 @@ class StreamingSource:
         self.failure: tuple[str, BaseException, str] | None = None
         self.threads: list[threading.Thread] = []
         self.rollout_busy_s = 0.0  # deterministic schedule: time inside generate calls
-        self.started_at = time.perf_counter()
         self.counters = {"stale": 0, "regenerated": 0, "filtered": 0, "reward_dropped": 0}
         self._last = {"time": time.perf_counter(), "rollout_busy": 0.0, "gen_tokens": 0.0}
         self._train_since: float | None = None  # when the trainer last got a batch
@@ -355,4 +354,4 @@ def _merge_means(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
     return {k: sum(m.get(k, 0.0) * rows for m, rows in parts) / total for k in keys}
 
 
-__all__ = ["REWARD_TASK", "TRAIN_TASK", "StageFailed", "StreamingSource"]
+__all__ = ["TRAIN_TASK", "StageFailed", "StreamingSource"]
