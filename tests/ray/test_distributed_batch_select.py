@@ -2,8 +2,8 @@
 
 `cut="never"` (whole shards fetched, cut locally) is the reference for the values; with
 `cut="always"` the caller's `ray.get` is watched to check that nothing but the selected columns
-comes back to it. On this one-node cluster every shard is local, so `cut="auto"` fetches directly,
-except shards not made yet.
+comes back to it. On this one-node cluster every shard is local, so `cut="auto"` fetches directly;
+pretending to be on several nodes, it cuts the shards this process does not know to be here.
 """
 
 from __future__ import annotations
@@ -116,12 +116,22 @@ def slow_wide(n: int, delay: float) -> Batch:
     return wide(n)
 
 
-def test_auto_fetches_local_shards_directly_and_cuts_the_others(watched_get):
+def test_auto_fetches_local_shards_directly_and_cuts_the_others(watched_get, monkeypatch):
+    from tidal.dataflow import distributed_batch
+
     local = DistributedBatch.from_batch(wide(6), 2).select("x", "uid")
     assert sorted(local.materialize(0, 6).keys()) == ["uid", "x"]
     assert any("big" in b.keys() for b in watched_get if isinstance(b, Batch))  # local: fetched whole
     watched_get.clear()
     pending = DistributedBatch.from_refs([slow_wide.remote(6, 1.0)], [6]).select("x")
-    got = pending.materialize(1, 4)  # not made yet, so nowhere near: cut where it will be made
+    got = pending.materialize(1, 4)  # one node: whatever is made will be here, so fetched whole
+    assert torch.equal(got["x"], torch.arange(1.0, 4.0))
+    assert any("big" in b.keys() for b in watched_get if isinstance(b, Batch))
+    watched_get.clear()
+    # On a cluster of several nodes only what this process knows to be here (or small) is near:
+    # an object not made yet is cut where it will be made.
+    monkeypatch.setattr(distributed_batch, "_one_node", lambda: False)
+    pending = DistributedBatch.from_refs([slow_wide.remote(6, 1.0)], [6]).select("x")
+    got = pending.materialize(1, 4)
     assert torch.equal(got["x"], torch.arange(1.0, 4.0))
     assert all(b.keys() == ["x"] for b in watched_get if isinstance(b, Batch))

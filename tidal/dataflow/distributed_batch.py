@@ -33,6 +33,7 @@ change inside this module.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -109,22 +110,35 @@ SMALL_SHARD_BYTES = 64 * 1024
 def _near(refs: list[ray.ObjectRef]) -> dict[ray.ObjectRef, bool]:
     """Whether each object is cheap to fetch whole: held on this node, or small (size known).
 
-    One query to the owners (well under a millisecond locally); an object not yet made, spilled,
-    or only on other nodes is not near.
+    On a one-node cluster every object is here. Otherwise only this worker's own view (no RPC)
+    is asked; an object it knows nothing of is not near. Never the owners: Ray 2.60's owner
+    query (`get_object_locations`) aborted whole processes (SIGABRT, "Promise already
+    satisfied" in the core worker) under load, even with each ref asked once and no timeout.
     """
-    here = ray.get_runtime_context().get_node_id()
-    # Each ref once, and no timeout: Ray's core worker aborts the whole process (SIGABRT, a promise
-    # set twice in GetLocationFromOwner) when a reply arrives for a ref it already answered, which
-    # a duplicate ref or a reply coming back after a timeout both cause. Owners are live actors or
-    # tasks' callers, so the query returns.
     unique = list(dict.fromkeys(refs))
-    found = ray.experimental.get_object_locations(unique)
+    if _one_node():
+        return {ref: True for ref in unique}
+    here = ray.get_runtime_context().get_node_id()
+    found = ray.experimental.get_local_object_locations(unique)
     near = {
         ref: here in (loc.get("node_ids") or [])
         or (loc.get("object_size") is not None and loc["object_size"] <= SMALL_SHARD_BYTES)
         for ref, loc in found.items()
     }
-    return {ref: near.get(ref, False) for ref in unique}  # a failed lookup: not near
+    return {ref: near.get(ref, False) for ref in unique}
+
+
+_NODES_TTL_S = 30.0  # nodes join and leave (autoscaling); ask again after this long
+_nodes_seen: tuple[float, bool] = (float("-inf"), False)  # (when asked, one alive node)
+
+
+def _one_node() -> bool:
+    global _nodes_seen
+    asked, one = _nodes_seen
+    if time.monotonic() - asked > _NODES_TTL_S:
+        one = sum(1 for node in ray.nodes() if node.get("Alive")) == 1
+        _nodes_seen = (time.monotonic(), one)
+    return one
 
 
 @ray.remote(num_cpus=0)
