@@ -117,6 +117,7 @@ class TidalRunner:
 
     def __init__(self, cfg: JobConfig):
         from tidal.controller.job import Job
+        from tidal.controller.loop import push_weights
 
         self.timings = TidalTimings()
         self.job = None
@@ -126,7 +127,7 @@ class TidalRunner:
             self.job = Job.start(cfg)
             if cfg.trainer.mode == "streaming":
                 self._attach_stream()
-            self.job.sync_weights(0)
+            push_weights(self.job, 0)
         except BaseException:
             self.shutdown()
             raise
@@ -144,14 +145,16 @@ class TidalRunner:
         job = self.job
         store = StreamStore([REWARD_TASK, TRAIN_TASK], capacity=store_capacity(job))
         self._stream_parts.append(store)
-        bridge = WeightBridge(job.group_of("actor"), "actor", job.group_of("rollout"), "rollout", job.cfg)
+        bridge = WeightBridge(
+            job.cluster.group_of("actor"), "actor", job.cluster.group_of("rollout"), "rollout", job.cfg
+        )
         self._stream_parts.append(bridge)
-        job.stream = StreamingSource(job, store, bridge)
+        job.stream = job.sampler = job.weight_sync = StreamingSource(job, store, bridge)
         self._stream_parts.append(job.stream)
 
     def _detach_stream(self) -> None:
         if self.job is not None:
-            self.job.stream = None
+            self.job.stream = None  # shutting down: no checkpoint asks the stopped source again
         stops = {"StreamingSource": "stop", "WeightBridge": "close", "StreamStore": "shutdown"}
         for part in reversed(self._stream_parts):
             getattr(part, stops[type(part).__name__])()
@@ -162,7 +165,7 @@ class TidalRunner:
 
         Wraps the loader instance's `next_batch`; the batch itself is passed on untouched.
         """
-        loader = self.job.train_loader
+        loader = self.job.data.train_loader
         original = loader.next_batch
 
         def recording_next_batch():
@@ -174,13 +177,14 @@ class TidalRunner:
 
     def step(self, index: int) -> None:
         """Run step `index + 1` (steps count from 1, version 0 is the initial policy)."""
+        from tidal.controller.loop import push_weights
         from tidal.controller.programs.grpo import grpo_step
 
         step = index + 1
         start = time.perf_counter()
         metrics = grpo_step(self.job, step)
         mid = time.perf_counter()
-        self.job.sync_weights(step)
+        push_weights(self.job, step)
         end = time.perf_counter()
         t = self.timings
         t.grpo_step_s.append(mid - start)

@@ -1,7 +1,7 @@
 """The programs' actor -> rollout weight sync through the resharder, on 1 and 2 gloo ranks.
 
 Each rank builds the real roles (FSDP2 actor, embedded-engine rollout) and syncs them the way the
-worker does (`colocated.sync_weights(actor.export_weights(), rollout.load_weights, version)`).
+worker does (`colocated.hand_over(actor.export_weights(), rollout.load_weights, version)`).
 The rollout engine must then hold exactly the actor's full weights (gathered the old way, by
 iterating the export), generate exactly as an engine loaded with those weights, and do so again
 after the actor's shards change (no stale plan or buffer). One rank moves nothing over a wire:
@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 import transformers
 
 from tidal.config.schema import JobConfig, SamplingConfig
-from tidal.resharding.colocated import sync_weights
+from tidal.resharding.colocated import hand_over
 from tidal.resharding.sync import Resharder
 from tidal.tasks.tokenizer import save_char_tokenizer
 from tidal.workers.context import WorkerContext
@@ -109,7 +109,7 @@ def _rank_main(rank: int, world: int, store: str, model_dirs: list[tuple[str, st
         for version in (1, 2):
             _perturb(actor, seed=version)
             source = actor.export_weights()
-            metrics = sync_weights(source, rollout.load_weights, version)
+            metrics = hand_over(source, rollout.load_weights, version)
             full = dict(actor.export_weights())  # the old way: gather every full tensor
             _check_rollout_holds(rollout, full, f"{what}, sync {version}")
             assert rollout.weights_version == version

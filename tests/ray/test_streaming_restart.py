@@ -58,7 +58,7 @@ def kill_rollout_after(jobs: list[Job], ledger: Path, step: int, killed: list[st
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if jobs and ledger.exists() and len(ledger.read_text().splitlines()) >= step:
-            worker = jobs[0].group_of("rollout").workers[0]
+            worker = jobs[0].cluster.group_of("rollout").workers[0]
             ray.kill(worker, no_restart=True)
             killed.append(f"after step {step}")
             return

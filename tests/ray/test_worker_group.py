@@ -339,7 +339,7 @@ def test_sync_weights_hands_tensors_over_in_process(group_a):
     trainer, _ = group_a.trainer.weights()
     before, _, _ = group_a.rollout.weights()
     assert before != trainer
-    stats = group_a.sync_weights("trainer", "rollout", version=3)
+    stats = group_a.hand_over_weights("trainer", "rollout", version=3)
     assert stats["weight_sync/num_tensors"] == 2 and stats["weight_sync/bytes"] == (4 * 3 + 3) * 4
     trainer, exported = group_a.trainer.weights()
     after, received, version = group_a.rollout.weights()

@@ -105,3 +105,24 @@ def test_kl_loss_coef_anneals_only_when_an_end_is_set():
     assert kl_loss_coef(cfg, 0) == pytest.approx(5e-3)
     assert kl_loss_coef(cfg, 50) == pytest.approx(3e-3)
     assert kl_loss_coef(cfg, 400) == pytest.approx(1e-3)
+
+
+def test_rollout_kl_is_the_k3_mismatch_of_the_forward_and_moves_no_gradient():
+    """actor/rollout_kl: KL(rollout || trainer) from the update's own forward, with no recompute."""
+    from tidal.algorithms.off_policy import mismatch_kl
+
+    step = random_step()
+    mask = step["response_mask"]
+    rollout = step["log_probs"] - 0.05 * torch.arange(5, dtype=torch.float64)  # drifts along the response
+    step["rollout_log_probs"] = rollout
+    log_probs = step["log_probs"].clone().requires_grad_()
+    cfg = ActorConfig()
+    with_kl = actor_objective(log_probs, step["entropy"], step, engine_counts(step), cfg, on_policy=True, kl_coef=0.0)
+    log_ratio = step["log_probs"] - rollout  # log pi_trainer - log pi_rollout on the rollout's samples
+    expected = float(((log_ratio.exp() - 1 - log_ratio) * mask).sum() / mask.sum())
+    assert with_kl[2]["rollout_kl"] == pytest.approx(expected) == pytest.approx(mismatch_kl(step["log_probs"], rollout, mask))
+    assert expected > 0 and mismatch_kl(rollout, rollout, mask) == 0.0
+    del step["rollout_log_probs"]
+    without = actor_objective(log_probs, step["entropy"], step, engine_counts(step), cfg, on_policy=True, kl_coef=0.0)
+    assert "rollout_kl" not in without[2]
+    torch.testing.assert_close(with_kl[0], without[0])  # a metric only: the loss is unchanged

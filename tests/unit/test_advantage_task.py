@@ -12,8 +12,8 @@ import torch
 
 from tidal.config import config_from_dict
 from tidal.config.loader import apply_overrides
-from tidal.controller.programs.advantage_task import compute_advantages
-from tidal.controller.programs.batch_tasks import attach_baselines, combine_rewards, filter_groups, keep_rows
+from tidal.controller.stages.advantage_task import compute_advantages
+from tidal.controller.stages.batch_tasks import attach_baselines, combine_rewards, filter_groups, keep_rows
 from tidal.dataflow.batch import Batch
 from tidal.workers.rewards.scorer import token_rewards_at_last_token
 

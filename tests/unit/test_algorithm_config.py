@@ -370,7 +370,7 @@ def test_every_config_key_on_the_docs_page_exists():
 
 
 def test_preference_section_picks_the_loss_its_parameters_and_the_roles():
-    from tidal.controller.job import role_classes
+    from tidal.controller.cluster import role_classes
 
     redi = cfg_with(algorithm={"preference": {"type": "redi", "alpha": 0.5, "sft_steps": 3}})
     assert bind_preference_loss(redi).keywords == {"alpha": 0.5}  # sft_steps is the program's

@@ -17,8 +17,8 @@ from tidal.algorithms import ADVANTAGE_ESTIMATORS
 from tidal.config import ConfigError, config_from_dict
 from tidal.config.algorithm import AlgorithmConfig
 from tidal.config.loader import apply_overrides
-from tidal.controller.programs.advantage_task import compute_advantages
-from tidal.controller.programs.batch_tasks import combine_rewards
+from tidal.controller.stages.advantage_task import compute_advantages
+from tidal.controller.stages.batch_tasks import combine_rewards
 from tidal.dataflow.batch import Batch
 
 DTYPES = [torch.float32, torch.float64]

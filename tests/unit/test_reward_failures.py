@@ -16,8 +16,8 @@ from tidal.algorithms.objective import actor_objective
 from tidal.config import config_from_dict
 from tidal.config.loader import apply_overrides
 from tidal.config.schema import RewardConfig
-from tidal.controller.programs.advantage_task import compute_advantages
-from tidal.controller.programs.batch_tasks import (
+from tidal.controller.stages.advantage_task import compute_advantages
+from tidal.controller.stages.batch_tasks import (
     attach_baselines_keeping,
     combine_rewards,
     drop_failed_rewards,

@@ -56,7 +56,8 @@ def test_an_actor_death_is_recognised_through_the_errors_raised_from_it():
 def test_a_death_after_max_rollout_restarts_ends_the_run_naming_the_setting():
     gone = SimpleNamespace(workers=[])  # a pool with no live worker to ask
     job = SimpleNamespace(
-        cfg=SimpleNamespace(rollout=SimpleNamespace(pool="rollout")), group_of=lambda role: gone
+        cfg=SimpleNamespace(rollout=SimpleNamespace(pool="rollout")),
+        cluster=SimpleNamespace(group_of=lambda role: gone),
     )
     source = SimpleNamespace(settings=SimpleNamespace(max_rollout_restarts=0), deterministic=False, job=job)
     recovery = RolloutRecovery(source)

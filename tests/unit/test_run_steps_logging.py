@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from tidal.config import load_config
 from tidal.config.schema import LoggingConfig
-from tidal.controller.programs.loop import run_steps
+from tidal.controller.loop import run_steps
 from tidal.observability.metrics import MetricsLogger, read_metrics
 
 REPORT = {"data/train_prompts": 90, "data/train_skipped": 3}
@@ -26,8 +26,9 @@ def fake_job(out, restored: int, total: int = 4):
         cfg=cfg,
         restore_latest_checkpoint=lambda: restored,
         logger=MetricsLogger(out, LoggingConfig(tensorboard=False, plot=False, progress_bar=False)),
-        dataset_report=dict(REPORT),
-        sync_weights=lambda version: {},
+        data=SimpleNamespace(report=dict(REPORT)),
+        state=SimpleNamespace(version=0),
+        weight_sync=SimpleNamespace(push=lambda version: {}),
         maybe_save_checkpoint=lambda step: None,
     )
 

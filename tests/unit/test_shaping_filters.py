@@ -24,7 +24,7 @@ from tidal.algorithms import (
     linear_schedule,
 )
 from tidal.algorithms.filters import max_variance_subset
-from tidal.controller.programs.batch_tasks import attach_baselines, reference_rows
+from tidal.controller.stages.batch_tasks import attach_baselines, reference_rows
 from tidal.dataflow.batch import Batch
 from tidal.workers.rewards.scorer import score_batch
 

@@ -25,6 +25,7 @@ import torch
 from tidal.algorithms.aggregation import GlobalCounts, aggregate_loss
 from tidal.algorithms.distill import kdrl_beta, kdrl_kl_loss
 from tidal.algorithms.masked import masked_mean
+from tidal.algorithms.off_policy import mismatch_kl
 from tidal.algorithms.trl_losses import kl_importance_ratio
 from tidal.registry import POLICY_LOSSES
 
@@ -47,7 +48,8 @@ def actor_objective(
     `micro` holds response_mask, advantages, and as configured old_log_probs (absent when
     `on_policy`: the detached current log-probs stand in), pg_mask and is_weights, ref_log_probs
     and seq_reward (KL loss with reward-guided masking); with a pg_mask, `counts.of("pg_mask")` must
-    be there. `kl_coef` is this step's KL-loss coefficient (annealed by the caller for KDRL).
+    be there. With rollout_log_probs, the token mean `rollout_kl` is KL(rollout || trainer) under
+    the weights of this forward (before any optimizer step of the update's first mini-batch). `kl_coef` is this step's KL-loss coefficient (annealed by the caller for KDRL).
     """
     mask = micro["response_mask"]
     old_log_probs = log_probs.detach() if on_policy else micro["old_log_probs"]
@@ -67,6 +69,8 @@ def actor_objective(
     sums = {"pg_loss": float(pg_loss.detach())}
     means = dict(pg_metrics)
     means["entropy"] = float(masked_mean(entropy.detach(), mask))
+    if "rollout_log_probs" in micro:  # the mismatch, free: this forward already ran
+        means["rollout_kl"] = mismatch_kl(log_probs.detach(), micro["rollout_log_probs"], mask)
     if config.entropy_coeff != 0:
         entropy_loss = aggregate_loss(entropy, mask, config.loss_agg_mode, counts)
         loss = loss - config.entropy_coeff * entropy_loss

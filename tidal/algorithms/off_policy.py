@@ -56,6 +56,14 @@ def _log_ratio(
     return torch.clamp(log_ratio, min=-LOG_BOUND, max=LOG_BOUND)
 
 
+def mismatch_kl(trainer_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, mask: torch.Tensor) -> float:
+    """KL(rollout || trainer) per valid token, k3 estimator on the rollout's samples: the
+    train/inference mismatch (numerics, and in streaming mode the data's staleness)."""
+    log_ratio = _log_ratio(trainer_log_probs, rollout_log_probs, mask, "token")
+    k3 = (torch.expm1(log_ratio) - log_ratio) * mask
+    return float(k3.sum() / mask.sum().clamp(min=1))
+
+
 def _effective_sample_size(weights: torch.Tensor, mask: torch.Tensor) -> float:
     """(sum w)^2 / (n * sum w^2) in (0, 1]: 1 when all weights are equal."""
     total, squares, count = masked_sum(weights, mask), masked_sum(weights**2, mask), mask.sum()

@@ -1,4 +1,6 @@
-"""What every synchronous program shares: resume, evaluation, logging, checkpoints, progress."""
+"""The step loop every program runs: resume, evaluation, the step, the weight sync, logging,
+checkpoints, progress. The streaming runner runs this same loop with a different sampler and weight
+sync (streaming/runner.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,11 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from tidal.controller.programs import stages
-
 if TYPE_CHECKING:
     from tidal.controller.job import Job
 
 StepFn = Callable[["Job", int], dict[str, float]]
+EvalFn = Callable[["Job"], dict[str, float]]
 
 # Metrics shown on the progress bar (all of them go to JSONL / TensorBoard).
 BAR_KEYS = {
@@ -25,9 +26,19 @@ BAR_KEYS = {
 }
 
 
-def run_steps(
-    job: Job, step_fn: StepFn, evaluate: Callable[[Job], dict[str, float]] = stages.evaluate
-) -> dict[str, float]:
+def evaluate(job: Job) -> dict[str, float]:
+    """The held-out reward of the weights the rollout holds."""
+    return job.stages.evaluate(job.state.version)
+
+
+def push_weights(job: Job, version: int) -> dict[str, float]:
+    """The weight sync: the rollout serves the actor's weights of `version` next."""
+    metrics = job.weight_sync.push(version)
+    job.state.version = version
+    return metrics
+
+
+def run_steps(job: Job, step_fn: StepFn, evaluate: EvalFn = evaluate) -> dict[str, float]:
     """Run `step_fn` from the resume point to trainer.total_steps; return the last step's metrics.
 
     `evaluate` runs before the first step of a fresh run, every trainer.eval_every steps and after
@@ -37,11 +48,11 @@ def run_steps(
     first = restored + 1
     # Rows from the step this run logs first on belong to an abandoned attempt: drop them.
     job.logger.begin(first if restored else 0)
-    stages.sync_weights(job, version=first - 1)
+    push_weights(job, version=first - 1)
     last: dict[str, float] = {}
     # The data report goes with the first row this run logs (row 0, or the first step after a
     # resume, with resume/step), so metrics.jsonl and TensorBoard always hold it, once per start.
-    first_row_extra = dict(job.dataset_report)
+    first_row_extra = dict(job.data.report)
     if restored == 0:
         last = evaluate(job)
         job.logger.log(0, last | first_row_extra)
@@ -59,7 +70,7 @@ def run_steps(
     for step in bar:
         start = time.perf_counter()
         metrics = step_fn(job, step)
-        metrics |= stages.sync_weights(job, version=step)
+        metrics |= push_weights(job, version=step)  # weights of this step's update to the rollout
         metrics["perf/step_s"] = time.perf_counter() - start
         if "perf/trained_tokens" in metrics:  # response tokens the update saw, per second of the step
             metrics["perf/trained_tokens_per_s"] = metrics["perf/trained_tokens"] / metrics["perf/step_s"]

@@ -8,9 +8,9 @@ from typing import Any
 from tidal.checkpoint.run_dir import prepare_output_dir
 from tidal.config.schema import JobConfig
 from tidal.controller.job import Job
+from tidal.controller.loop import run_steps
 from tidal.controller.preflight import preflight
 from tidal.controller.programs.grpo import grpo_step
-from tidal.controller.programs.loop import run_steps
 from tidal.controller.programs.ppo import ppo_step
 from tidal.controller.programs.preference import run_preference
 from tidal.controller.streaming.runner import run_streaming
@@ -38,7 +38,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
         plot = job.shutdown()
     return {
         "final": final,
-        "data": job.dataset_report,
+        "data": job.data.report,
         "plot": str(plot) if plot else None,
         "output_dir": str(job.output_dir),
     }

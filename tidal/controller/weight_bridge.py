@@ -59,7 +59,7 @@ class WeightBridge:
         if src_group is dst_group:
             raise ValueError(
                 f"WeightBridge joins two pools, but source and target are both pool {src_group.pool.name!r}; "
-                "roles of one pool sync in process: group.sync_weights(src_role, dst_role, version)"
+                "roles of one pool sync in process: group.hand_over_weights(src_role, dst_role, version)"
             )
         if src_group.device != dst_group.device:
             raise ValueError(

@@ -4,7 +4,7 @@
     batch = group.rollout.generate(prompts)            # DP_SPLIT -> DistributedBatch (refs only)
     log_probs = group.actor.compute_log_probs(batch)   # each rank fetches its own rows
     metrics = group.actor.update(batch.union(log_probs))
-    group.sync_weights("actor", "rollout", version=1)  # colocated, through the resharder
+    group.hand_over_weights("actor", "rollout", version=1)  # colocated, through the resharder
 
 Roles on two pools (two groups, two worlds) exchange weights through a WeightBridge
 (tidal/controller/weight_bridge.py), which drives the workers' bridge methods.
@@ -158,13 +158,13 @@ class WorkerGroup:
         ]
         return PendingCall(spec, ranks, refs, label=f"{role_cls.__name__}.{method}")
 
-    def sync_weights(self, src_role: str, dst_role: str, version: int) -> dict[str, float]:
+    def hand_over_weights(self, src_role: str, dst_role: str, version: int) -> dict[str, float]:
         """Move src's weights into dst on every rank at once, in process (both roles live in each
         worker): resharded when src exports its shards (tidal/resharding/colocated.py). Returns
         rank 0's metrics."""
         for name in (src_role, dst_role):
             self.role(name)
-        return wait_all([w.sync_weights.remote(src_role, dst_role, version) for w in self.workers])[0]
+        return wait_all([w.hand_over_weights.remote(src_role, dst_role, version) for w in self.workers])[0]
 
     def ping(self) -> list[int]:
         return wait_all([w.ping.remote() for w in self.workers])

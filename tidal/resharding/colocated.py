@@ -1,6 +1,6 @@
 """Weight sync between two roles of the same worker process (colocated on one pool).
 
-The worker calls `sync_weights(src.export_weights(), dst.load_weights, version)` on every rank of
+The worker calls `hand_over(src.export_weights(), dst.load_weights, version)` on every rank of
 the pool at once. What the trainer exports decides how the weights move:
 
 - a `WeightSource` (its shards and layout: the FSDP actor): the engine role runs it through its
@@ -44,7 +44,7 @@ class _Counted:
         return name, tensor
 
 
-def sync_weights(
+def hand_over(
     weights: WeightSource | NamedTensors, load_weights: LoadWeights, version: int
 ) -> dict[str, float]:
     """Move `weights` into the engine through `load_weights(weights, version)`; return metrics.

@@ -7,7 +7,7 @@ The WorkerGroup creates one Worker per bundle of its pool's placement group, the
 3. the controller calls role endpoints through `execute`, which turns object references and
    DistributedBatch arguments into this rank's local data before the role sees them.
 
-Weights move between roles of one process (`sync_weights`, colocated), or between pools over a
+Weights move between roles of one process (`hand_over_weights`, colocated), or between pools over a
 bridge group that the controller's WeightBridge builds (`bridge_store`, `bridge_init`) and
 drives (`send_weights` on the trainer pool, `receive_weights` on the engine pool); the reference
 path beside it ships full tensors through the object store (`gather_weights`, `load_full_weights`).
@@ -29,7 +29,7 @@ from tidal.dataflow.batch import Batch
 from tidal.dataflow.distributed_batch import DistributedBatch
 from tidal.resharding import disaggregated
 from tidal.resharding.bridge_group import BridgeGroup
-from tidal.resharding.colocated import sync_weights
+from tidal.resharding.colocated import hand_over
 from tidal.workers.context import WorkerContext
 from tidal.workers.endpoint import Collect, Dispatch, EndpointSpec, endpoint_spec
 
@@ -130,10 +130,10 @@ class Worker:
             )
         return result, len(result)  # pickling a Batch moves its tensors to host memory
 
-    def sync_weights(self, src_role: str, dst_role: str, version: int) -> dict[str, float]:
+    def hand_over_weights(self, src_role: str, dst_role: str, version: int) -> dict[str, float]:
         """Colocated weight copy: `src.export_weights()` straight into `dst.load_weights`, in process."""
         src, dst = self._role(src_role), self._role(dst_role)
-        return sync_weights(src.export_weights(), dst.load_weights, version)
+        return hand_over(src.export_weights(), dst.load_weights, version)
 
     # ------------------------------------------------------------------ weights between pools
     def bridge_store(self, name: str, world_size: int, timeout_s: float) -> tuple[str, int]:

@@ -2,7 +2,7 @@
 towards the responses that beat their group's average.
 
 Everything else comes from config through the algorithm registries: the estimator, the loss, reward
-shaping, DAPO's dynamic sampling (`experience.sample` refills the step), sample and token
+shaping, DAPO's dynamic sampling (the sampler refills the step), sample and token
 selection, off-policy corrections."""
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from tidal.controller.programs import stages
-from tidal.controller.programs.experience import make_experience
-from tidal.controller.programs.loop import run_steps
+from tidal.controller.loop import run_steps
+from tidal.controller.stages.experience import make_experience
 
 if TYPE_CHECKING:
     from tidal.controller.job import Job
@@ -21,7 +20,7 @@ if TYPE_CHECKING:
 def grpo_step(job: Job, step: int) -> dict[str, float]:
     batch, metrics = make_experience(job, step)
     start = time.perf_counter()
-    metrics |= stages.update_actor(job, batch, step)
+    metrics |= job.stages.update_actor(batch, step)
     metrics["perf/update_s"] = time.perf_counter() - start
     return metrics
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from tidal.controller.programs import stages
-from tidal.controller.programs.experience import make_experience
-from tidal.controller.programs.loop import run_steps
+from tidal.controller.loop import run_steps
+from tidal.controller.stages.experience import make_experience
 
 if TYPE_CHECKING:
     from tidal.controller.job import Job
@@ -18,8 +17,8 @@ def ppo_step(job: Job, step: int) -> dict[str, float]:
     batch, metrics = make_experience(job, step)
     start = time.perf_counter()
     # The critic learns from this step's returns; the actor update does not depend on it (verl's order).
-    metrics |= stages.update_critic(job, batch)
-    metrics |= stages.update_actor(job, batch, step)
+    metrics |= job.stages.update_critic(batch)
+    metrics |= job.stages.update_actor(batch, step)
     metrics["perf/update_s"] = time.perf_counter() - start
     return metrics
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from tidal.controller.programs import stages
-from tidal.controller.programs.loop import run_steps
+from tidal.controller.loop import evaluate as evaluate_rollout
+from tidal.controller.loop import run_steps
 from tidal.dataflow.batch import Batch
 from tidal.dataflow.distributed_batch import DistributedBatch
 
@@ -37,32 +37,32 @@ def with_reference(job: Job, pairs: Batch) -> DistributedBatch:
     """The pairs, plus the reference's log-probs of both responses when the loss needs them."""
     batch = DistributedBatch.from_batch(pairs)
     if job.cfg.reference_enabled:
-        batch = batch.union(job.reference.compute_pair_ref_log_probs(batch))
+        batch = batch.union(job.cluster.reference.compute_pair_ref_log_probs(batch))
     return batch
 
 
 def evaluate_pairs(job: Job) -> dict[str, float]:
     """Loss, accuracy and margin of the configured loss on the held-out pairs."""
-    if job.val_pairs is None:
+    if job.data.val_pairs is None:
         return {}
     start = time.perf_counter()
-    metrics = job.actor.evaluate_preference(with_reference(job, job.val_pairs))
+    metrics = job.cluster.actor.evaluate_preference(with_reference(job, job.data.val_pairs))
     return metrics | {"perf/eval_pairs_s": time.perf_counter() - start}
 
 
 def preference_step(job: Job, step: int) -> dict[str, float]:
-    pairs = job.train_loader.next_batch()
+    pairs = job.data.train_loader.next_batch()
     start = time.perf_counter()
     if in_sft_stage(job, step):
-        metrics = job.actor.update_preference(pairs, sft=True)
+        metrics = job.cluster.actor.update_preference(pairs, sft=True)
     else:
-        metrics = job.actor.update_preference(with_reference(job, pairs))
+        metrics = job.cluster.actor.update_preference(with_reference(job, pairs))
     metrics["perf/update_s"] = time.perf_counter() - start
     return metrics
 
 
 def evaluate(job: Job) -> dict[str, float]:
-    return evaluate_pairs(job) | stages.evaluate(job)
+    return evaluate_pairs(job) | evaluate_rollout(job)
 
 
 def run_preference(job: Job) -> dict[str, float]:

@@ -31,6 +31,7 @@ from tidal.algorithms import (
     call_accepting,
     masked_mean,
 )
+from tidal.algorithms.off_policy import mismatch_kl
 from tidal.algorithms.plugins import ConfiguredPlugins, configured_plugins
 from tidal.config.schema import JobConfig
 from tidal.dataflow.batch import Batch
@@ -173,9 +174,7 @@ def step_metrics(
         metrics["rollout/logprob_gap_mean"] = float(gap.sum() / mask.sum())
         # KL(rollout || trainer) per token, k3 estimator (non-negative, low variance): the
         # train/inference mismatch, which in streaming mode also holds the data's staleness.
-        log_ratio = (batch["old_log_probs"] - batch["rollout_log_probs"]).clamp(-20, 20)
-        k3 = (log_ratio.exp() - 1 - log_ratio) * mask
-        metrics["rollout/mismatch_kl"] = float(k3.sum() / mask.sum())
+        metrics["rollout/mismatch_kl"] = mismatch_kl(batch["old_log_probs"], batch["rollout_log_probs"], mask)
     lengths = mask.sum(-1)
     has_rows = len(lengths) > 0
     return metrics | {

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import ray
 import torch
 
-from tidal.controller.programs import stages
 from tidal.dataflow.batch import Batch
 
 if TYPE_CHECKING:
@@ -78,9 +77,9 @@ class DeterministicFeeder:
                     f"rollout pool holds version {src.rollout_version}"
                 )
             with src.feeder_lock:
-                prompts = job.train_loader.next_batch()
+                prompts = job.data.train_loader.next_batch()
                 start = time.perf_counter()
-                batch = stages.generate(job, prompts, step=k, policy_version=need)
+                batch = job.stages.generate(prompts, k, need)
                 src.store.put(
                     batch_sample_ids(k, len(batch)),
                     batch,
@@ -120,7 +119,7 @@ class FreeFeeder:
     def run(self) -> None:
         src = self.src
         if not self.started:
-            src.job.rollout.stream_start(src.store, src.settings)
+            src.job.cluster.rollout.stream_start(src.store, src.settings)
             self.started = True
         while not src.stopping:
             generation = src.recovery.generation
@@ -135,7 +134,7 @@ class FreeFeeder:
 
     def _poll(self) -> None:
         src, n = self.src, self.src.job.cfg.rollout.sampling.n
-        polls = src.job.rollout.stream_poll()
+        polls = src.job.cluster.rollout.stream_poll()
         self.stats = [{k: v for k, v in p.items() if k != "finished"} for p in polls]
         for stats, base in zip(self.stats, self.stats_base):
             for key, value in base.items():
@@ -155,7 +154,7 @@ class FreeFeeder:
     def _submit(self) -> None:
         src = self.src
         ranks = src.admission.num_ranks
-        groups = src.admission.groups_allowed(src.job.version, src.job.cfg.rollout.sampling.n)
+        groups = src.admission.groups_allowed(src.job.state.version, src.job.cfg.rollout.sampling.n)
         per_call = src.settings.groups_per_request * ranks
         groups = min(groups, per_call) // ranks * ranks  # DP_SPLIT gives each rank an equal share
         if groups == 0:
@@ -167,12 +166,12 @@ class FreeFeeder:
             for row in rows[lo:hi]:
                 self.in_flight[row["uid"][0]] = (rank, row, now)
                 src.admission.submit(rank, src.job.cfg.rollout.sampling.n)
-        src.job.rollout.stream_submit(Batch.concat(rows))
+        src.job.cluster.rollout.stream_submit(Batch.concat(rows))
 
     def _next_prompt(self) -> Batch:
         """A one-row request: a re-issued prompt first, else the loader's next; a fresh uid and seed."""
         if not self.queue:
-            prompts = self.src.job.train_loader.next_batch()
+            prompts = self.src.job.data.train_loader.next_batch()
             self.queue.extend(prompts.slice(i, i + 1) for i in range(len(prompts)))
         row = self.queue.popleft()
         self.requests += 1
@@ -223,7 +222,7 @@ class FreeFeeder:
         if not self.started:
             return []
         try:
-            unfinished = [uid for per_rank in self.src.job.rollout.stream_stop() for uid in per_rank]
+            unfinished = [uid for per_rank in self.src.job.cluster.rollout.stream_stop() for uid in per_rank]
         except ray.exceptions.RayActorError:  # a pool that died at the end: nothing left to stop
             unfinished = []
         self.started = False

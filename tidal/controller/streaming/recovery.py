@@ -10,7 +10,7 @@ collectives:
 1. the rollout thread reports the death (`report`) and waits; the trainer's next call into the
    source (a take in `sample`, or `sync_weights`) runs `restart`;
 2. `restart` (holding the feeder's lock) kills the whole rollout pool and starts it again (its
-   ranks share one torch world: Job.restart_group), closes the broken WeightBridge and builds a
+   ranks share one torch world: Cluster.restart_group), closes the broken WeightBridge and builds a
    new one, pushes the trainer's current version through it, and hands the feeder what the dead
    pool had in flight: groups the store already holds (a worker puts a group in one put, all or
    nothing) are kept, the others are issued again with their budget cancelled; then streaming
@@ -44,7 +44,7 @@ def rollout_bridge(job: Job) -> WeightBridge:
     """The weight bridge from the trainer's pool to the rollout pool (built again after a restart)."""
     from tidal.controller.weight_bridge import WeightBridge
 
-    return WeightBridge(job.group_of("actor"), "actor", job.group_of("rollout"), "rollout", job.cfg)
+    return WeightBridge(job.cluster.group_of("actor"), "actor", job.cluster.group_of("rollout"), "rollout", job.cfg)
 
 
 def dead_ranks(group: WorkerGroup, timeout_s: float = PING_TIMEOUT_S) -> list[int]:
@@ -95,7 +95,7 @@ class RolloutRecovery:
             if self.generation == generation and self.lost is None:
                 self.lost = err
             src.cond.notify_all()
-        dead = dead_ranks(src.job.group_of("rollout")) if self.generation == generation else []
+        dead = dead_ranks(src.job.cluster.group_of("rollout")) if self.generation == generation else []
         src.wait_for(
             lambda: self.generation != generation,
             f"the rollout thread lost {_ranks(dead)} ({_first_line(err)}) and waited for the trainer's "
@@ -108,7 +108,7 @@ class RolloutRecovery:
         thread saw die, loading the trainer's current version (the one it trains from)."""
         if self.lost is None:
             return {}
-        return self.restart(self.src.job.version, self.lost)
+        return self.restart(self.src.job.state.version, self.lost)
 
     def sync(self, version: int) -> dict[str, float]:
         """Push `version` to the rollout pool through the bridge; a pool that died (now or before)
@@ -119,7 +119,7 @@ class RolloutRecovery:
         try:
             return src.bridge.sync(version, timeout_s=src.settings.wait_timeout_s)
         except Exception as err:
-            if not (is_actor_death(err) or dead_ranks(src.job.group_of("rollout"))):
+            if not (is_actor_death(err) or dead_ranks(src.job.cluster.group_of("rollout"))):
                 raise
             return self.restart(version, err)  # (the deterministic schedule raises there, saying why)
 
@@ -127,7 +127,7 @@ class RolloutRecovery:
         """Start the rollout pool again, serving `version`; returns the weight sync's metrics."""
         src, job = self.src, self.src.job
         pool = job.cfg.rollout.pool
-        dead = dead_ranks(job.group_of("rollout"))
+        dead = dead_ranks(job.cluster.group_of("rollout"))
         who = _ranks(dead)
         if src.deterministic:
             raise RuntimeError(
@@ -153,7 +153,7 @@ class RolloutRecovery:
         )
         start = time.perf_counter()
         with src.feeder_lock:  # the rollout thread is parked, or finishes its call to the dead pool first
-            group = job.restart_group(pool)
+            group = job.cluster.restart_group(pool)
             src.bridge.close(timeout_s=src.settings.wait_timeout_s)
             src.bridge = rollout_bridge(job)
             metrics = src.bridge.sync(version, timeout_s=src.settings.wait_timeout_s)

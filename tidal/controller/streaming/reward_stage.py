@@ -2,7 +2,7 @@
 
 A thread takes finished responses from the store (task "reward": whole groups, as many as are
 ready), scores them with the same scorer as sync mode (parallel Ray tasks, reward combinations,
-timeouts, error counting: `stages.rewards_of`) and puts the reward columns back under the same
+timeouts, error counting: the `Score` stage) and puts the reward columns back under the same
 sample ids; the payloads go rollout worker -> store -> scoring task -> store, never through the
 driver. Reward metrics are kept per batch tag (`RewardLedger`) so the trainer reports the
 metrics of exactly the samples of its step in the deterministic schedule, and of the samples
@@ -17,12 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tidal.controller.programs import stages
 from tidal.dataflow.store.index import StoreTimeout
-from tidal.workers.rewards.scorer import INPUT_COLUMNS
 
 if TYPE_CHECKING:
-    from tidal.controller.job import Job
+    from tidal.controller.stages.scoring import Score
     from tidal.dataflow.store.store import StreamStore
 
 REWARD_TASK = "reward"
@@ -77,14 +75,14 @@ class RewardStage:
 
     def __init__(
         self,
-        job: Job,
+        score: Score,
         store: StreamStore,
         ledger: RewardLedger,
         take_size: int,
         exact: bool,
         tag_of: Callable[[list[Any]], Any],
     ) -> None:
-        self.job, self.store, self.ledger = job, store, ledger
+        self.score, self.store, self.ledger = score, store, ledger
         self.take_size, self.exact, self.tag_of = take_size, exact, tag_of
         self.lock = threading.Lock()
         self.busy_s = 0.0
@@ -96,7 +94,7 @@ class RewardStage:
             try:
                 taken = self.store.take(
                     REWARD_TASK,
-                    [*INPUT_COLUMNS, "uid"],
+                    [*self.score.reads, "uid"],
                     self.take_size,
                     sampler="group",
                     timeout_s=POLL_S,
@@ -105,7 +103,7 @@ class RewardStage:
             except StoreTimeout:
                 return False
             start = time.perf_counter()
-            rewards, metrics, first_error = stages.rewards_of(self.job, taken.batch)
+            rewards, metrics, first_error = self.score.rewards_of(taken.batch)
             # Recorded before the put: once the rewards are stored the trainer may take the samples
             # and ask for their metrics.
             self.ledger.record(self.tag_of(taken.ids), len(taken.ids), metrics, first_error)

@@ -1,8 +1,9 @@
 """`trainer.mode: streaming`: the sync loop and programs, fed by the streaming store.
 
 Sets up what streaming adds to a job (the store, the weight bridge from the trainer's pool to the
-rollout pool, the StreamingSource with its rollout and reward threads), attaches it to the job,
-runs the very same `run_steps(job, step_fn)` the sync mode runs, and takes it all down again.
+rollout pool, the StreamingSource with its rollout and reward threads), makes the source the job's
+sampler and weight sync, runs the very same `run_steps(job, step_fn)` the sync mode runs, and
+takes it all down again.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from tidal.controller.programs.loop import StepFn, run_steps
+from tidal.controller.loop import StepFn, run_steps
 from tidal.controller.streaming.recovery import rollout_bridge
 from tidal.controller.streaming.reward_stage import REWARD_TASK
 from tidal.controller.streaming.source import TRAIN_TASK, StreamingSource
@@ -45,11 +46,14 @@ def run_streaming(job: Job, step_fn: StepFn) -> dict[str, float]:
         )
     store = StreamStore([REWARD_TASK, TRAIN_TASK], capacity=store_capacity(job))
     source = StreamingSource(job, store, rollout_bridge(job))
-    job.stream = source
+    # The same loop and program as sync mode: scored samples come from the store, and weights go
+    # to the rollout pool through the bridge.
+    sampler, weight_sync = job.sampler, job.weight_sync
+    job.stream = job.sampler = job.weight_sync = source
     try:
         return run_steps(job, step_fn)
     finally:
-        job.stream = None
+        job.stream, job.sampler, job.weight_sync = None, sampler, weight_sync
         source.stop()
         source.bridge.close()  # the one in use: a rollout restart replaces it
         store.shutdown()

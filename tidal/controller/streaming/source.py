@@ -1,12 +1,12 @@
 """StreamingSource: where a streaming run's training batches come from.
 
-The sync loop (programs/loop.py `run_steps`) and the programs (grpo.py, ppo.py) run unchanged in
-streaming mode; two of their calls reach this object instead of generating in place:
+The step loop (loop.py `run_steps`) and the programs (grpo.py, ppo.py) run unchanged in
+streaming mode; the runner makes this object the job's sampler and weight sync:
 
-- `experience.sample(job, step)` -> `sample`: take whole, scored, fresh-enough groups from the
+- `job.sampler.sample(step)` -> `sample`: take whole, scored, fresh-enough groups from the
   store (waiting while the rollout catches up), drop failed rewards and (DAPO) zero-variance
   groups, give their budget back, refill until the step has its groups.
-- `job.sync_weights(version)` -> `sync_weights`: push the trainer's weights to the rollout pool
+- `job.weight_sync.push(version)` -> `push`: the trainer's weights to the rollout pool
   through the weight bridge (the rollout resumes at once; in the deterministic schedule first
   waiting for the batches the older version still owes).
 
@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tidal.algorithms import DynamicSamplingQuota
-from tidal.controller.programs import stages
+from tidal.controller.stages.base import ready_columns, take_rows
 from tidal.controller.streaming.admission import Admission
 from tidal.controller.streaming.feeders import DeterministicFeeder, FreeFeeder, batch_of
 from tidal.controller.streaming.recovery import RolloutRecovery
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRAIN_TASK = "train"
-READY_FIELDS = ("response_mask", "seq_reward")  # a sample is trainable once it has a reward
 LEDGER_FILE = "streaming_ledger.jsonl"
 
 
@@ -66,7 +65,7 @@ class StreamingSource:
         )
         self.ledger = RewardLedger()
         self.rewards = RewardStage(
-            job,
+            job.stages.score,
             store,
             self.ledger,
             take_size=cfg.sizes.samples_per_step if self.deterministic else max(n, 8 * n),
@@ -85,6 +84,8 @@ class StreamingSource:
         self._train_since: float | None = None  # when the trainer last got a batch
         self.ledger_path = job.output_dir / LEDGER_FILE if self.settings.ledger else None
         self.recovery = RolloutRecovery(self)  # restarts the rollout pool when a worker dies
+        # A sample is trainable once everything generate and score write is in.
+        self.ready_fields = ready_columns(job.stages.generate, job.stages.score)
 
     # ------------------------------------------------------------------ threads
     def start(self) -> None:
@@ -126,7 +127,7 @@ class StreamingSource:
                 if remaining <= 0:
                     raise TimeoutError(
                         f"{what}, and gave up after trainer.streaming.wait_timeout_s={timeout:g}s "
-                        f"(trainer version {self.job.version}, rollout version {self.rollout_version}); "
+                        f"(trainer version {self.job.state.version}, rollout version {self.rollout_version}); "
                         "raise the timeout if steps are this slow"
                     )
                 self.cond.wait(min(remaining, 1.0))
@@ -142,8 +143,9 @@ class StreamingSource:
             self.feeder.stop()
 
     # ------------------------------------------------------------------ weights
-    def sync_weights(self, version: int) -> dict[str, float]:
+    def push(self, version: int) -> dict[str, float]:
         """Trainer -> rollout pool; the first call (after a resume's restore) starts the threads."""
+        start = time.perf_counter()
         self.check()
         if self.threads and isinstance(self.feeder, DeterministicFeeder):
             through = self.feeder.batches_needing_older_than(version)
@@ -163,16 +165,17 @@ class StreamingSource:
                 self.load_state_dict(self.job.stream_resume)
                 self.job.stream_resume = None
             self.start()
-        return metrics
+        return {"perf/sync_weights_s": time.perf_counter() - start, **metrics}
 
     # ------------------------------------------------------------------ training batches
-    def sample(self, job: Job, step: int) -> tuple[DistributedBatch, None, dict[str, float]]:
-        """The step's scored groups from the store, like `experience.sample` in sync mode."""
-        cfg = job.cfg
+    def sample(self, step: int) -> tuple[DistributedBatch, None, dict[str, float]]:
+        """The step's scored groups from the store, like `InPlaceSampler.sample` in sync mode."""
+        job = self.job
+        cfg, version = job.cfg, job.state.version
         n = cfg.rollout.sampling.n
         settings = cfg.algorithm.dynamic_sampling
         quota = DynamicSamplingQuota(cfg.trainer.prompts_per_step, settings.max_rounds) if settings else None
-        min_version = job.version - self.max_staleness
+        min_version = version - self.max_staleness
         began = time.perf_counter()
         entry: dict[str, list[Any]] = {"trained": [], "stale": [], "dropped": []}
         batches: list[DistributedBatch] = []
@@ -192,7 +195,7 @@ class StreamingSource:
                 self.feeder.consumed(taken.ids)
             metrics, first_error, rows = self.ledger.drain(step if self.deterministic else None)
             rows = rows or len(taken.ids)
-            batch, metrics, kept = stages.drop_failed(job, taken.batch, metrics, first_error, rows)
+            batch, metrics, kept = job.stages.score.drop_failed(taken.batch, metrics, first_error, rows)
             ids = _kept(taken.ids, kept, entry["dropped"])
             dropped = len(taken.ids) - len(batch)
             self.counters["reward_dropped"] += dropped
@@ -205,7 +208,7 @@ class StreamingSource:
                 batches.append(batch)
                 entry["trained"] += ids
                 break
-            keep, _ = stages.filter_groups(job, batch, quota)
+            keep, _ = job.stages.filter_groups(batch, quota)
             entry["trained"] += _kept(ids, keep, entry["dropped"])
             filtered = len(keep) - sum(keep)
             self.counters["filtered"] += filtered
@@ -214,13 +217,13 @@ class StreamingSource:
             keeps.append(keep)
             if quota.full:
                 break
-        out = batches[0] if quota is None else stages.take_rows(job, batches, keeps)
+        out = batches[0] if quota is None else take_rows(batches, keeps)
         metrics = _merge_means(reward_means)
         metrics |= {k: v for k, v in totals.items() if k != "rows"}
         metrics["reward/error_share"] = totals["reward/num_errors"] / max(totals["rows"], 1)
         if quota is not None:
             metrics |= quota.metrics()
-        metrics |= self._stream_metrics(job.version, versions, waited)
+        metrics |= self._stream_metrics(version, versions, waited)
         now = time.perf_counter()
         if self._train_since is not None:  # the trainer's work between two batches vs its wait for this one
             busy = began - self._train_since
@@ -241,7 +244,7 @@ class StreamingSource:
             try:
                 taken = self.store.take(
                     TRAIN_TASK,
-                    READY_FIELDS,
+                    self.ready_fields,
                     num_samples,
                     sampler="group",
                     min_version=min_version,
@@ -319,7 +322,7 @@ class StreamingSource:
                 "feeder": self.feeder.state_dict(),
                 "admission": self.admission.state_dict(),
                 "counters": dict(self.counters),
-                "loader": self.job.train_loader.state_dict(),
+                "loader": self.job.data.train_loader.state_dict(),
                 "store": self.store.state_dict(),
             }
 
@@ -332,7 +335,7 @@ class StreamingSource:
         self.store.load_state_dict(state["store"])
         self.admission.load_state_dict(state["admission"])
         self.counters.update(state["counters"])
-        self.job.train_loader.load_state_dict(state["loader"])
+        self.job.data.train_loader.load_state_dict(state["loader"])
         if isinstance(self.feeder, FreeFeeder):
             stored = {str(sid).split("/", 1)[0] for sid, *_ in state["store"]["index"]["samples"]}
             self.feeder.load_state_dict(state["feeder"], stored)

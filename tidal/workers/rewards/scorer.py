@@ -4,7 +4,7 @@ Failures are per sample: a function that raises gives that sample a `reward_erro
 ("ExcType: message"), one that returns NaN or inf the error "NonFiniteReward: returned nan", and a
 chunk of samples that runs past `reward.timeout_s` the error "timeout". A failed sample's reward is
 `reward.error_score` with `reward.on_error=score`, else 0 (a placeholder: the training program
-drops such samples before advantages; tidal/controller/programs/stages.py `score_samples`). The
+drops such samples before advantages; tidal/controller/stages/scoring.py `Score.drop_failed`). The
 scorer itself never stops: it counts (reward/num_errors, reward/num_timeouts, reward/error_share),
 logs the first error of each kind once per process with an example sample, and leaves the
 decision to the program (`check_error_share`).

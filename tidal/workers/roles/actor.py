@@ -113,6 +113,7 @@ class ActorRole:
             self._check_on_policy()
         keys = SEQUENCE_COLUMNS + ("advantages",) + (() if on_policy else ("old_log_probs",))
         keys += tuple(key for key in POLICY_GRADIENT_COLUMNS if key in batch)
+        keys += ("rollout_log_probs",) if "rollout_log_probs" in batch else ()  # actor/rollout_kl
         if actor.use_kl_loss:
             keys += ("ref_log_probs",)
             if actor.kl_loss_correct_threshold is not None:

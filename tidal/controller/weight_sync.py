@@ -1,0 +1,50 @@
+"""WeightSync: the step of the loop that moves the actor's new weights to the rollout.
+
+One object per job, chosen when the job starts (`for_job`), called once per step by the runner
+(`loop.run_steps`): `push(version)` returns the `weight_sync/` metrics and `perf/sync_weights_s`.
+
+- InProcessWeightSync: actor and rollout share a pool; every worker hands its actor shards to its
+  own rollout engine through the resharder (`WorkerGroup.hand_over_weights`).
+- the streaming runner's StreamingSource: actor and rollout on two pools; weights go through the
+  WeightBridge (tidal/controller/weight_bridge.py) and the rollout resumes at once.
+- NoWeightSync: nothing generates (preference training without a generating evaluation).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from tidal.controller.cluster import Cluster
+
+
+class WeightSync(Protocol):
+    def push(self, version: int) -> dict[str, float]:
+        """Make the rollout serve the actor's current weights, stamped `version`; metrics."""
+        ...
+
+
+class InProcessWeightSync:
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+
+    def push(self, version: int) -> dict[str, float]:
+        if self.cluster.group_of("actor") is not self.cluster.group_of("rollout"):
+            raise ValueError(
+                "in-process weight sync needs actor and rollout on one pool; two pools sync through the "
+                "weight bridge (trainer.mode=streaming)"
+            )
+        start = time.perf_counter()
+        metrics = self.cluster.group_of("actor").hand_over_weights("actor", "rollout", version)
+        return {"perf/sync_weights_s": time.perf_counter() - start, **metrics}
+
+
+class NoWeightSync:
+    def push(self, version: int) -> dict[str, float]:
+        return {}
+
+
+def for_job(cluster: Cluster) -> WeightSync:
+    """The sync mode's weight sync (the streaming runner installs its own)."""
+    return InProcessWeightSync(cluster) if cluster.has("rollout") else NoWeightSync()
