@@ -79,7 +79,8 @@ def config_tree(spec: dict[str, Any]) -> dict[str, Any]:
         "logging": {"tensorboard": False, "progress_bar": False, "plot": False},
     }
     if mode == "streaming":  # sync mode refuses streaming settings it would not read
-        tree["trainer"] |= {"max_staleness": staleness, "streaming": {"schedule": schedule}}
+        settings = {"schedule": schedule, **spec.get("streaming_settings", {})}
+        tree["trainer"] |= {"max_staleness": staleness, "streaming": settings}
     return tree
 
 

@@ -1,13 +1,17 @@
 """Streaming (asynchronous) vs. synchronous GRPO at equal trained samples, on long-tailed responses.
 
 Task: chained sums answered step by step (tidal/tasks/chain.py): "3+5+9+2=" -> "8+9=17+2=19". The
-number of additions per problem is ceil(lognormal(0, 1)) capped at 10, so the right answers are
-2-48 tokens, EOS included: median 6, 90th percentile 18, 99th 47 (training split). A synchronous
-step waits for its longest sample; a streaming rollout keeps generating while the trainer trains.
+number of additions per problem is ceil(lognormal(0, sigma)) capped at --max-additions; by default
+sigma 1.5 and 24, so the right answers are 2-129 tokens, EOS included: median 6, mean 14, 90th
+percentile 36, 99th 120 (training split), and responses are capped at --max-new-tokens 160. A
+synchronous step waits for its longest sample; a streaming rollout keeps generating while the
+trainer trains. `--sigma 1 --max-additions 10 --max-new-tokens 48` is the short-tailed setting in
+which the trainer, not generation, takes most of a step (benchmarks/README.md has both).
 
 Model: the quickstart's tiny Qwen2 (4 layers, hidden 256, fp32) with a supervised warm-up on the
-task's training split (`--sft-steps`, lr 1e-3, batch 32, chains of at most 3 additions),
-so that rewards start non-trivial.
+default chain task's training split (`--sft-steps`, lr 1e-3, batch 32, chains of at most 3
+additions), so that rewards start non-trivial; on longer chains it writes long, often wrong or
+rambling (to the cap) responses, which is the long tail.
 Built once, before any timed run, and shared by all runs.
 
 Runs, each in its own process with its own Ray cluster, same prompts (data seed = run seed), same
@@ -67,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts-per-step", type=int, default=None, help="default 8 (--quick 4)")
     parser.add_argument("--n", type=int, default=None, help="samples per prompt (default 8; --quick 4)")
     parser.add_argument("--sft-steps", type=int, default=200, help="supervised warm-up steps of the model")
+    parser.add_argument(
+        "--max-additions", type=int, default=24, help="longest chain of the RL prompts (default 24)"
+    )
+    parser.add_argument(
+        "--sigma", type=float, default=1.5, help="lognormal sigma of the chain lengths (default 1.5)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=160, help="response cap (default 160)")
     parser.add_argument("--num-eval-prompts", type=int, default=None, help="held-out prompts (default 256)")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument(
@@ -98,13 +109,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def prepare(workdir: Path, sft_steps: int) -> dict[str, str]:
-    """The warmed-up model and the jsonl splits (built once; reused when already there)."""
+def prepare(workdir: Path, sft_steps: int, max_additions: int, sigma: float) -> dict[str, str]:
+    """The warmed-up model and the jsonl splits (built once; reused when already there).
+
+    The model is warmed up on the default chain task's short chains; the RL prompts come from a
+    task with `max_additions` and `sigma` (the same held-out rule, so no validation prompt was
+    ever trained on)."""
     from tidal.config.schema import TinyQwen2Build
     from tidal.tasks.chain import ChainTask, build_chain_model, make_chain_splits, write_jsonl
 
     task = ChainTask()
-    train, val = make_chain_splits(task)
+    rl_task = ChainTask(max_additions=max_additions, sigma=sigma)
+    train, val = make_chain_splits(rl_task)
+    tag = f"a{max_additions}-s{sigma:g}"
     build = TinyQwen2Build(
         num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=688,
         sft_steps=sft_steps, sft_batch_size=32, sft_lr=1e-3,
@@ -114,8 +131,8 @@ def prepare(workdir: Path, sft_steps: int) -> dict[str, str]:
     print(f"model: {report} ({time.perf_counter() - start:.0f} s)", flush=True)
     return {
         "model_dir": str(workdir / f"model-sft{sft_steps}"),
-        "train_file": str(write_jsonl(train, workdir / "data" / "train.jsonl")),
-        "val_file": str(write_jsonl(val, workdir / "data" / "val.jsonl")),
+        "train_file": str(write_jsonl(train, workdir / "data" / f"train-{tag}.jsonl")),
+        "val_file": str(write_jsonl(val, workdir / "data" / f"val-{tag}.jsonl")),
         "sft": report,
     }
 
@@ -244,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tidal-async-") as tmp:
         workdir = (args.workdir or Path(tmp)).absolute()
-        data = prepare(workdir, args.sft_steps)
+        data = prepare(workdir, args.sft_steps, args.max_additions, args.sigma)
         runs = []
         for variant, seed in schedule(args.variants, args.seeds):
             spec = {
@@ -256,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": args.steps,
                 "prompts_per_step": args.prompts_per_step,
                 "n": args.n,
-                "max_new_tokens": 48,
+                "max_new_tokens": args.max_new_tokens,
                 "lr": args.lr,
                 "num_eval_prompts": args.num_eval_prompts,
                 "output_dir": str(workdir / "runs" / f"{variant}-seed{seed}"),
@@ -279,7 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         "sft": data["sft"],
         "machine_info": machine,
         "workload": {
-            "task": "chain sums, ceil(lognormal(0,1)) additions capped at 10, max_new_tokens 48",
+            "task": (
+                f"chain sums, ceil(lognormal(0,{args.sigma:g})) additions capped at {args.max_additions}, "
+                f"max_new_tokens {args.max_new_tokens}"
+            ),
             "seeds": args.seeds,
             "steps": args.steps,
             "prompts_per_step": args.prompts_per_step,

@@ -101,7 +101,7 @@ def test_stream_into_the_store_with_a_weight_write_mid_generation(tmp_path):
         cfg,
     )
     try:
-        group.rollout.stream_start(store, StreamingConfig(wait_timeout_s=60))
+        group.rollout.stream_start(store, StreamingConfig(wait_timeout_s=60, interrupt_on_sync=True))
         batch = prompts(cfg.model.path)
         assert group.rollout.stream_submit(batch) == [3, 3]  # DP_SPLIT: three groups per rank
         # Two tokens per running sequence, then new weights (version 1) on both ranks.

@@ -446,7 +446,7 @@ def test_rollout_role_streams_what_generate_returns_into_the_store(
         assert endpoint_spec(RolloutRole, name) == EndpointSpec(Dispatch.ALL, Collect.LIST)
     assert endpoint_spec(RolloutRole, "stream_submit") == EndpointSpec(Dispatch.DP_SPLIT, Collect.LIST)
     role, store = make_role(model_dir), RecordingStore()
-    role.stream_start(store, StreamingConfig(wait_timeout_s=30))
+    role.stream_start(store, StreamingConfig(wait_timeout_s=30, interrupt_on_sync=True))
     batch = prompt_rows([4, 2, 6])
     assert role.stream_submit(batch) == 3
     finished = poll_role(role, 3)
@@ -500,7 +500,7 @@ def test_rollout_role_write_weights_mid_generation_and_missing_columns(
     model_dir: Path, new_weights: dict
 ) -> None:
     role, store = make_role(model_dir, max_new_tokens=300), RecordingStore()
-    role.stream_start(store, StreamingConfig(wait_timeout_s=30))
+    role.stream_start(store, StreamingConfig(wait_timeout_s=30, interrupt_on_sync=True))
     with pytest.raises(ValueError, match=r"needs batch columns \['seed'\]"):
         role.stream_submit(prompt_rows([3]).select("prompt_ids", "prompt_mask", "uid"))
     role.stop_token_ids = []  # every response runs its 300 tokens: the write lands mid-response

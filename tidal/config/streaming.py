@@ -32,9 +32,11 @@ class StreamingConfig(StrictModel):
         "max_staleness is never trained on: drop it (counted), or regenerate its prompt",
     )
     interrupt_on_sync: bool = Field(
-        True,
-        description="free schedule: a weight update pauses in-flight sequences, loads the new weights "
-        "and continues them (their tokens keep the version that produced each); false finishes them first",
+        False,
+        description="free schedule: true: a weight update pauses in-flight sequences, loads the new weights "
+        "and continues them (re-prefilling each; its tokens keep the version that produced each); false "
+        "(default): in-flight sequences finish under the old weights first. Measured on the 2-core CPU box "
+        "(benchmarks/README.md): interrupting cost 1.7x wall and dropped the long responses as stale",
     )
     group_timeout_s: float | None = Field(
         None,

@@ -281,6 +281,7 @@ class StreamingSource:
             "streaming/staleness_max": float(max(staleness, default=0)),
             "streaming/train_wait_s": waited,
             "streaming/stale_dropped": float(self.counters["stale"]),
+            "streaming/stale_regenerated": float(self.counters["regenerated"]),
             "streaming/filtered": float(self.counters["filtered"]),
             "streaming/reward_dropped": float(self.counters["reward_dropped"]),
             "streaming/admission_room": float(self.admission.room(version)),
