@@ -1,4 +1,4 @@
-"""Small whole-step Ray tasks the stages run with `job.run_task`: join reward components, decide
+"""Small whole-step Ray tasks the stages run with `dispatch.run_task`: join reward components, decide
 which samples a failed reward removes, filter groups, keep rows, lay out and attach reference rewards. Each is a plain function of Batches, so it
 can be tested without Ray.
 
