@@ -52,7 +52,7 @@ def config_tree(spec: dict[str, Any]) -> dict[str, Any]:
             "seed": spec["seed"],
         },
         "resources": {"pools": pools, "device": "cpu"},
-        "algorithm": {"advantage_estimator": "grpo"},
+        "algorithm": {"advantage_estimator": "grpo", **spec.get("algorithm_settings", {})},
         "actor": {
             "optim": {"lr": spec["lr"], "warmup_steps": 2, "schedule": "constant", "grad_clip": 1.0},
             "micro_batch_size_per_rank": spec["prompts_per_step"] * spec["n"],

@@ -78,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sigma", type=float, default=1.5, help="lognormal sigma of the chain lengths (default 1.5)"
     )
     parser.add_argument("--max-new-tokens", type=int, default=160, help="response cap (default 160)")
+    parser.add_argument(
+        "--off-policy",
+        default=None,
+        help="algorithm.off_policy type for every run, e.g. tis (default: none, plain GRPO)",
+    )
     parser.add_argument("--num-eval-prompts", type=int, default=None, help="held-out prompts (default 256)")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument(
@@ -277,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                 "lr": args.lr,
                 "num_eval_prompts": args.num_eval_prompts,
                 "output_dir": str(workdir / "runs" / f"{variant}-seed{seed}"),
+                "algorithm_settings": {"off_policy": {"type": args.off_policy}} if args.off_policy else {},
             }
             run = run_one(spec, workdir, args.warmup_steps)
             runs.append(run)
@@ -306,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             "n": args.n,
             "trained_samples_per_run": args.steps * args.prompts_per_step * args.n,
             "lr": args.lr,
+            "off_policy": args.off_policy,
             "sft_steps": args.sft_steps,
             "num_eval_prompts": args.num_eval_prompts,
             "warmup_steps": args.warmup_steps,
