@@ -68,7 +68,9 @@ class StreamingSource:
             job.stages.score,
             store,
             self.ledger,
-            take_size=cfg.sizes.samples_per_step if self.deterministic else max(n, 8 * n),
+            # Deterministic: exactly one batch per scoring call. Free: whatever whole groups are
+            # ready, up to a train batch, so a backlog is scored in one call, not many small ones.
+            take_size=max(n, cfg.sizes.samples_per_step),
             exact=self.deterministic,
             tag_of=(lambda ids: batch_of(ids[0])) if self.deterministic else (lambda ids: None),
         )
