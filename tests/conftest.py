@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import pytest
 import torch
 import transformers
@@ -22,3 +25,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("tiny_qwen2")
     transformers.Qwen2ForCausalLM(config).save_pretrained(path)
     return str(path)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Name Tidal's threads still alive when the tests end: they run on into the interpreter's
+    shutdown, where one inside Ray or torch native code can crash the process after a green run."""
+    alive = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+    names = sorted(t.name for t in alive)
+    tidal = [name for name in names if name.startswith("tidal-") or name.endswith((": decode loop", ": delivery"))]
+    if tidal:
+        print(f"\nthreads of Tidal still alive at the end of the tests: {tidal}", file=sys.stderr)

@@ -374,6 +374,9 @@ def test_errors_of_the_background_threads_reach_the_caller(model_dir: Path) -> N
     broken._loop.join(10)
     with pytest.raises(RuntimeError, match="rollout rank 5: .*ZeroDivisionError"):
         broken.poll()
+    with pytest.raises(RuntimeError, match="rollout rank 5: .*ZeroDivisionError"):
+        broken.stop(timeout_s=10)  # ends the delivery thread too, and still reports the failure
+    assert not broken._delivery.is_alive()
 
 
 def test_straggler_drop_is_reported_by_poll(model_dir: Path) -> None:
