@@ -8,6 +8,7 @@ does. Both parts are timed separately; the headline s/step is their sum.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,47 +119,22 @@ class TidalRunner:
     def __init__(self, cfg: JobConfig):
         from tidal.controller.job import Job
         from tidal.controller.loop import push_weights
+        from tidal.controller.streaming.runner import attached_stream
 
         self.timings = TidalTimings()
         self.job = None
-        self._stream_parts: list[Any] = []
+        self._stream = contextlib.ExitStack()  # the streaming parts, while attached
         start = time.perf_counter()
         try:
             self.job = Job.start(cfg)
-            if cfg.trainer.mode == "streaming":
-                self._attach_stream()
+            if cfg.trainer.mode == "streaming":  # what run_streaming attaches, without its loop
+                self._stream.enter_context(attached_stream(self.job))
             push_weights(self.job, 0)
         except BaseException:
             self.shutdown()
             raise
         self.timings.startup_s = time.perf_counter() - start
         self._record_prompts()
-
-    def _attach_stream(self) -> None:
-        """The setup of tidal/controller/streaming/runner.py `run_streaming`, without its loop."""
-        from tidal.controller.streaming.reward_stage import REWARD_TASK
-        from tidal.controller.streaming.runner import store_capacity
-        from tidal.controller.streaming.source import TRAIN_TASK, StreamingSource
-        from tidal.controller.weight_bridge import WeightBridge
-        from tidal.dataflow.store.store import StreamStore
-
-        job = self.job
-        store = StreamStore([REWARD_TASK, TRAIN_TASK], capacity=store_capacity(job))
-        self._stream_parts.append(store)
-        bridge = WeightBridge(
-            job.cluster.group_of("actor"), "actor", job.cluster.group_of("rollout"), "rollout", job.cfg
-        )
-        self._stream_parts.append(bridge)
-        job.stream = job.sampler = job.weight_sync = StreamingSource(job, store, bridge)
-        self._stream_parts.append(job.stream)
-
-    def _detach_stream(self) -> None:
-        if self.job is not None:
-            self.job.stream = None  # shutting down: no checkpoint asks the stopped source again
-        stops = {"StreamingSource": "stop", "WeightBridge": "close", "StreamStore": "shutdown"}
-        for part in reversed(self._stream_parts):
-            getattr(part, stops[type(part).__name__])()
-        self._stream_parts = []
 
     def _record_prompts(self) -> None:
         """Keep the prompt texts each step draws, to check both sides trained on the same prompts.
@@ -204,7 +180,7 @@ class TidalRunner:
     def shutdown(self) -> None:
         import ray
 
-        self._detach_stream()
+        self._stream.close()
         if self.job is not None:
             self.job.shutdown()
         # Job.start started a local Ray cluster in this process; stop it (ours, so not `ray stop`).

@@ -49,7 +49,8 @@ def actor_objective(
     `on_policy`: the detached current log-probs stand in), pg_mask and is_weights, ref_log_probs
     and seq_reward (KL loss with reward-guided masking); with a pg_mask, `counts.of("pg_mask")` must
     be there. With rollout_log_probs, the token mean `rollout_kl` is KL(rollout || trainer) under
-    the weights of this forward (before any optimizer step of the update's first mini-batch). `kl_coef` is this step's KL-loss coefficient (annealed by the caller for KDRL).
+    the weights of this forward (before any optimizer step of the update's first mini-batch).
+    `kl_coef` is this step's KL-loss coefficient (annealed by the caller for KDRL).
     """
     mask = micro["response_mask"]
     old_log_probs = log_probs.detach() if on_policy else micro["old_log_probs"]

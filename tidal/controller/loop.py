@@ -33,9 +33,10 @@ def evaluate(job: Job) -> dict[str, float]:
 
 def push_weights(job: Job, version: int) -> dict[str, float]:
     """The weight sync: the rollout serves the actor's weights of `version` next."""
+    start = time.perf_counter()
     metrics = job.weight_sync.push(version)
     job.state.version = version
-    return metrics
+    return {"perf/sync_weights_s": time.perf_counter() - start, **metrics}
 
 
 def run_steps(job: Job, step_fn: StepFn, evaluate: EvalFn = evaluate) -> dict[str, float]:

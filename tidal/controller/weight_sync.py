@@ -1,7 +1,7 @@
 """WeightSync: the step of the loop that moves the actor's new weights to the rollout.
 
 One object per job, chosen when the job starts (`for_job`), called once per step by the runner
-(`loop.run_steps`): `push(version)` returns the `weight_sync/` metrics and `perf/sync_weights_s`.
+(`loop.push_weights`, which also times it): `push(version)` returns the `weight_sync/` metrics.
 
 - InProcessWeightSync: actor and rollout share a pool; every worker hands its actor shards to its
   own rollout engine through the resharder (`WorkerGroup.hand_over_weights`).
@@ -12,7 +12,6 @@ One object per job, chosen when the job starts (`for_job`), called once per step
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -30,14 +29,8 @@ class InProcessWeightSync:
         self.cluster = cluster
 
     def push(self, version: int) -> dict[str, float]:
-        if self.cluster.group_of("actor") is not self.cluster.group_of("rollout"):
-            raise ValueError(
-                "in-process weight sync needs actor and rollout on one pool; two pools sync through the "
-                "weight bridge (trainer.mode=streaming)"
-            )
-        start = time.perf_counter()
-        metrics = self.cluster.group_of("actor").hand_over_weights("actor", "rollout", version)
-        return {"perf/sync_weights_s": time.perf_counter() - start, **metrics}
+        # (sync mode's config puts both roles on one pool: config/streaming.py check_mode)
+        return self.cluster.group_of("actor").hand_over_weights("actor", "rollout", version)
 
 
 class NoWeightSync:

@@ -8,7 +8,7 @@ send their weights) and a second thread calling them could interleave with the t
 collectives:
 
 1. the rollout thread reports the death (`report`) and waits; the trainer's next call into the
-   source (a take in `sample`, or `sync_weights`) runs `restart`;
+   source (a take in `sample`, or `push`) runs `restart`;
 2. `restart` (holding the feeder's lock) kills the whole rollout pool and starts it again (its
    ranks share one torch world: Cluster.restart_group), closes the broken WeightBridge and builds a
    new one, pushes the trainer's current version through it, and hands the feeder what the dead

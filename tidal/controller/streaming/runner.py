@@ -8,7 +8,9 @@ takes it all down again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from tidal.controller.loop import StepFn, run_steps
@@ -33,9 +35,31 @@ def store_capacity(job: Job) -> int:
     return (cfg.trainer.max_staleness + 3) * cfg.sizes.samples_per_step
 
 
-def run_streaming(job: Job, step_fn: StepFn) -> dict[str, float]:
+@contextlib.contextmanager
+def attached_stream(job: Job) -> Iterator[StreamingSource]:
+    """While the block runs, the job streams: a store, the weight bridge from the trainer's pool to
+    the rollout pool, and a StreamingSource (its rollout and reward threads start at the first
+    weight push) that is the job's sampler and weight sync. Everything is taken down on exit."""
     from tidal.dataflow.store.store import StreamStore
 
+    store = StreamStore([REWARD_TASK, TRAIN_TASK], capacity=store_capacity(job))
+    try:
+        source = StreamingSource(job, store, rollout_bridge(job))
+    except BaseException:
+        store.shutdown()
+        raise
+    sampler, weight_sync = job.sampler, job.weight_sync
+    job.stream = job.sampler = job.weight_sync = source
+    try:
+        yield source
+    finally:
+        job.stream, job.sampler, job.weight_sync = None, sampler, weight_sync
+        source.stop()
+        source.bridge.close()  # the one in use: a rollout restart replaces it
+        store.shutdown()
+
+
+def run_streaming(job: Job, step_fn: StepFn) -> dict[str, float]:
     cfg = job.cfg
     if cfg.trainer.max_staleness > 0 and cfg.algorithm.off_policy is None:
         log.warning(
@@ -44,16 +68,7 @@ def run_streaming(job: Job, step_fn: StepFn) -> dict[str, float]:
             cfg.trainer.max_staleness,
             cfg.trainer.max_staleness,
         )
-    store = StreamStore([REWARD_TASK, TRAIN_TASK], capacity=store_capacity(job))
-    source = StreamingSource(job, store, rollout_bridge(job))
     # The same loop and program as sync mode: scored samples come from the store, and weights go
     # to the rollout pool through the bridge.
-    sampler, weight_sync = job.sampler, job.weight_sync
-    job.stream = job.sampler = job.weight_sync = source
-    try:
+    with attached_stream(job):
         return run_steps(job, step_fn)
-    finally:
-        job.stream, job.sampler, job.weight_sync = None, sampler, weight_sync
-        source.stop()
-        source.bridge.close()  # the one in use: a rollout restart replaces it
-        store.shutdown()

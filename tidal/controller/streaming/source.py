@@ -147,7 +147,6 @@ class StreamingSource:
     # ------------------------------------------------------------------ weights
     def push(self, version: int) -> dict[str, float]:
         """Trainer -> rollout pool; the first call (after a resume's restore) starts the threads."""
-        start = time.perf_counter()
         self.check()
         if self.threads and isinstance(self.feeder, DeterministicFeeder):
             through = self.feeder.batches_needing_older_than(version)
@@ -167,7 +166,7 @@ class StreamingSource:
                 self.load_state_dict(self.job.stream_resume)
                 self.job.stream_resume = None
             self.start()
-        return {"perf/sync_weights_s": time.perf_counter() - start, **metrics}
+        return metrics
 
     # ------------------------------------------------------------------ training batches
     def sample(self, step: int) -> tuple[DistributedBatch, None, dict[str, float]]:
