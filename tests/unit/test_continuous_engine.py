@@ -29,9 +29,10 @@ from tidal.config.streaming import StreamingConfig
 from tidal.dataflow.batch import Batch
 from tidal.workers.context import WorkerContext
 from tidal.workers.endpoint import Collect, Dispatch, EndpointSpec, endpoint_spec
-from tidal.workers.engines.embedded.continuous import ContinuousBatcher, GroupResult, Request
+from tidal.workers.engines.embedded.continuous import ContinuousBatcher
+from tidal.workers.engines.requests import GroupResult, Request
 from tidal.workers.engines.embedded.engine import EmbeddedEngine
-from tidal.workers.engines.embedded.streaming import StreamingGenerator
+from tidal.workers.engines.streaming import StreamingGenerator
 from tidal.workers.roles.rollout import RolloutRole
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
@@ -114,7 +115,7 @@ def test_sampled_requests_depend_on_their_seed_not_on_their_neighbours(model_dir
     stops = engine.eos_token_ids
 
     def request(i: int, seed: int, config: SamplingConfig = sampling) -> Request:
-        return Request(i, texts[i], 3, config, stops, torch.Generator().manual_seed(seed))
+        return Request(i, texts[i], 3, config, stops, seed=seed)
 
     alone = run_to_end(ContinuousBatcher(engine), [request(0, 7)])[0]
     # Neighbours with the same settings, other settings, greedy, and the global generator.

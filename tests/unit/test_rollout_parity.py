@@ -11,9 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from char_model import CHARS, EOS, PAD, build_char_model, full_forward_log_probs, prompts
 
 from tidal.config.schema import (
     ArithmeticTask,
@@ -24,15 +22,12 @@ from tidal.config.schema import (
     SamplingConfig,
 )
 from tidal.dataflow.batch import Batch
-from tidal.kernels.logprobs import token_log_probs
 from tidal.workers.context import WorkerContext
 from tidal.workers.endpoint import Dispatch, endpoint_spec
 from tidal.workers.engines.embedded.engine import EmbeddedEngine
 from tidal.workers.engines.embedded.linear import packing_available
 from tidal.workers.roles.rollout import RolloutRole
 
-PAD, EOS, VOCAB = 0, 1, 40
-CHARS = "0123456789+-*= abcdefghijklmnopqrstuv"  # ids 2..39
 SAMPLING = SamplingConfig(temperature=0.7, top_k=12, top_p=0.95, max_new_tokens=10, n=3)
 
 
@@ -46,30 +41,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_qwen2")
-    config = transformers.Qwen2Config(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=VOCAB,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=None,
-        initializer_range=0.2,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        model.lm_head.weight[EOS] *= 2  # some samples end early, others run to max_new_tokens
-    model.save_pretrained(path)
-    vocab = {"<pad>": PAD, "<eos>": EOS, **{c: i + 2 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>").save_pretrained(path)
-    return path
+    return build_char_model(tmp_path_factory.mktemp("tiny_qwen2"), hidden_size=64)
 
 
 def make_role(model_dir: Path, dp_rank: int = 0) -> RolloutRole:
@@ -82,44 +54,6 @@ def make_role(model_dir: Path, dp_rank: int = 0) -> RolloutRole:
         rank=dp_rank, world_size=2, dp_rank=dp_rank, dp_size=2, device=torch.device("cpu"), backend="gloo"
     )
     return RolloutRole(cfg, ctx)
-
-
-def prompts(role: RolloutRole, texts: list[str]) -> Batch:
-    encoded = role.engine.tokenizer(texts)["input_ids"]
-    width = max(len(ids) for ids in encoded)
-    ids = torch.tensor([[PAD] * (width - len(x)) + x for x in encoded])
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in encoded])
-    return Batch.from_dict(
-        {"prompt_ids": ids, "prompt_mask": mask},
-        non_tensors={
-            "uid": [f"u{i}" for i in range(len(texts))],
-            "prompt_text": texts,
-            "ground_truth": [str(i) for i in range(len(texts))],
-        },
-    )
-
-
-def full_forward_log_probs(model_dir: Path, out: Batch, temperature: float) -> torch.Tensor:
-    """log p of every response token from ONE padded forward over prompt + response."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = torch.cat([out["prompt_ids"], out["response_ids"]], dim=1)
-    mask = torch.cat([out["prompt_mask"], out["response_mask"]], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens only: left padding does not shift
-    with torch.no_grad():
-        hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
-    width = out["prompt_ids"].shape[1]
-    predicting = hidden[:, width - 1 : -1]  # position t predicts token t + 1
-    response_mask = out["response_mask"].bool()
-    log_probs, _ = token_log_probs(
-        predicting[response_mask],
-        model.lm_head.weight,
-        out["response_ids"][response_mask],
-        temperature,
-        False,
-    )
-    full = torch.zeros(out["response_ids"].shape)
-    full[response_mask] = log_probs
-    return full
 
 
 def test_generate_is_a_dp_split_endpoint() -> None:
@@ -140,7 +74,7 @@ def test_rollout_log_probs_match_a_full_forward(model_dir: Path, engine_options:
         if engine_options.get("pack_weights") and not packing_available(torch.float32):
             pytest.skip("this torch build has no oneDNN linear ops")
         role.engine = EmbeddedEngine(model_dir, **engine_options)
-    batch = prompts(role, ["12+7=", "3+4=", "99+1=", "5="])
+    batch = prompts(role.engine.tokenizer, ["12+7=", "3+4=", "99+1=", "5="])
     out = role.generate(batch, seed=11)
 
     lengths = out["response_mask"].sum(-1)
@@ -154,14 +88,14 @@ def test_rollout_log_probs_match_a_full_forward(model_dir: Path, engine_options:
 def test_greedy_log_probs_are_taken_at_temperature_one(model_dir: Path) -> None:
     role = make_role(model_dir)
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=8, n=1)
-    out = role.generate(prompts(role, ["12+7=", "3+4="]), sampling=greedy)
+    out = role.generate(prompts(role.engine.tokenizer, ["12+7=", "3+4="]), sampling=greedy)
     expected = full_forward_log_probs(model_dir, out, 1.0)
     assert (out["rollout_log_probs"] - expected).abs().max().item() < 1e-4
 
 
 def test_output_layout_columns_and_text(model_dir: Path) -> None:
     role = make_role(model_dir)
-    batch = prompts(role, ["12+7=", "3+4=", "99+1="])
+    batch = prompts(role.engine.tokenizer, ["12+7=", "3+4=", "99+1="])
     out = role.generate(batch, seed=3, policy_version=7)
 
     assert len(out) == 3 * SAMPLING.n
@@ -182,7 +116,7 @@ def test_output_layout_columns_and_text(model_dir: Path) -> None:
 
 def test_seeded_per_rank_reproducible_and_versions_follow_loaded_weights(model_dir: Path) -> None:
     role0, role1 = make_role(model_dir, 0), make_role(model_dir, 1)
-    batch = prompts(role0, ["12+7=", "3+4=", "99+1=", "5="])
+    batch = prompts(role0.engine.tokenizer, ["12+7=", "3+4=", "99+1=", "5="])
     a, b = role0.generate(batch, seed=5), role0.generate(batch, seed=5)
     assert torch.equal(a["response_ids"], b["response_ids"])
     assert torch.equal(a["rollout_log_probs"], b["rollout_log_probs"])
@@ -199,7 +133,7 @@ def test_seeded_per_rank_reproducible_and_versions_follow_loaded_weights(model_d
 
 def test_empty_batch_returns_empty_batch_with_all_columns(model_dir: Path) -> None:
     role = make_role(model_dir)
-    batch = prompts(role, ["12+7=", "3+4="]).slice(0, 0)
+    batch = prompts(role.engine.tokenizer, ["12+7=", "3+4="]).slice(0, 0)
     out = role.generate(batch)
     assert len(out) == 0
     assert set(out.keys()) == set(batch.keys()) | {

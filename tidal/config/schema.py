@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tidal.config.algorithm import (  # noqa: F401  (AlgorithmConfig, KLControlConfig re-exported)
     AlgorithmConfig,
@@ -19,6 +19,7 @@ from tidal.config.algorithm import (  # noqa: F401  (AlgorithmConfig, KLControlC
     option_read_by_others,
 )
 from tidal.config.base import StrictModel
+from tidal.config.rollout_backend import EmbeddedBackend, RolloutBackend, backend_from_name, device_problems
 from tidal.config.streaming import StreamingConfig, TrainerMode, check_mode
 from tidal.registry import POLICY_LOSSES, PREFERENCE_LOSSES
 
@@ -311,7 +312,11 @@ class WeightSyncConfig(StrictModel):
 
 
 class RolloutConfig(StrictModel):
-    backend: Literal["embedded"] = "embedded"
+    backend: RolloutBackend = Field(
+        EmbeddedBackend(),
+        description="the generation engine and its own settings: embedded, vllm or sglang "
+        "(tidal/config/rollout_backend.py)",
+    )
     pool: str = "default"
     sampling: SamplingConfig = SamplingConfig(n=8)
     val_sampling: SamplingConfig = Field(
@@ -320,8 +325,10 @@ class RolloutConfig(StrictModel):
         "top_p and top_k not set here follow rollout.sampling",
     )
     stop_token_ids: list[int] = Field([], description="extra stop tokens besides the tokenizer's EOS")
-    max_batch_size: int = Field(256, ge=1, description="sequences decoded together")
+    max_batch_size: int = Field(256, ge=1, description="embedded engine: sequences decoded together")
     weight_sync: WeightSyncConfig = WeightSyncConfig()
+
+    _backend_from_name = field_validator("backend", mode="before")(backend_from_name)
 
     @model_validator(mode="after")
     def _val_sampling_follows_sampling(self) -> RolloutConfig:
@@ -462,6 +469,12 @@ class JobConfig(StrictModel):
         return self.actor.use_kl_loss or self.algorithm.use_kl_in_reward
 
     @property
+    def rollout_on_gpu(self) -> bool:
+        """The rollout workers get GPUs (device auto or cuda, and GPUs in their pool)."""
+        pool = self.resources.pools.get(self.rollout.pool)
+        return self.resources.device != "cpu" and pool is not None and pool.gpus_per_worker > 0
+
+    @property
     def sizes(self) -> DerivedSizes:
         n = self.rollout.sampling.n
         prompts = self.trainer.prompts_per_step
@@ -521,6 +534,9 @@ class JobConfig(StrictModel):
                     f"set algorithm.preference.type (dpo, simpo or redi) or remove data.{pair_keys[0]}"
                 )
         self._check_reference_responses()
+        problems = device_problems(self.rollout.backend, self.rollout_on_gpu)
+        if problems:
+            raise ValueError(problems[0])
         check_mode(self)  # sync colocates actor and rollout, streaming separates them
         return self
 

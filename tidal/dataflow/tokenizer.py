@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -23,3 +24,26 @@ def load_tokenizer(model_path: str | Path, trust_remote_code: bool = False) -> P
         if saved.get("tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend"):
             return PreTrainedTokenizerFast.from_pretrained(str(model_path))
     return AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
+
+
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and the generation config's (HF's rule)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(generation_config, "eos_token_id", None)
+    if configured is not None:
+        ids.update(int(i) for i in (configured if isinstance(configured, list) else [configured]))
+    return sorted(ids)
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase, eos_ids: list[int]) -> int:
+    """The id that pads responses: the tokenizer's pad token, else the first EOS (masks make the
+    value irrelevant; padding with EOS is the usual convention)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if eos_ids:
+        return eos_ids[0]
+    raise ValueError(
+        "the tokenizer has neither a pad nor an EOS token; set pad_token in tokenizer_config.json"
+    )

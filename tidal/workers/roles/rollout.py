@@ -1,13 +1,15 @@
-"""The rollout role: turns prompts into sampled responses with the embedded engine.
+"""The rollout role: turns prompts into sampled responses with the engine its config names.
 
-Each data-parallel rank generates for its own share of the prompts. Randomness comes from a
-torch.Generator seeded from (seed, dp_rank), so a step's rollouts are reproducible for a fixed
-seed and worker layout. Weights arrive in-process from the colocated actor through
-`load_weights`, resharded from the actor's shards (tidal/resharding/sync.py); every sample is
+The engine (`rollout.backend.type`: embedded, vllm, sglang) is built through the ROLLOUT_ENGINES
+registry and reached only through the RolloutEngine interface (engines/base.py). Each
+data-parallel rank generates for its own share of the prompts. Randomness comes from a seed
+derived from (seed, dp_rank), so a step's rollouts are reproducible for a fixed seed and worker
+layout. Weights arrive in-process from the colocated actor through `load_weights`, resharded from
+the actor's shards (tidal/resharding/sync.py) into the engine's `weight_layout`; every sample is
 stamped with the version of the weights that produced it.
 
 Streaming mode (trainer.mode=streaming, the rollout on its own pool): `stream_start` starts a
-background generator (continuous batching, engines/embedded/streaming.py) on every rank,
+background generator (the engine's continuous batching, driven by engines/streaming.py) on every rank,
 `stream_submit` queues prompt groups, finished groups go from this worker straight into the
 StreamStore, `stream_poll` reports what finished (metadata only) and `stream_stop` returns what did
 not. A weight update (`write_weights` from the cross-pool sync, or `load_weights`) pauses the
@@ -28,15 +30,15 @@ import torch
 from tidal.config.schema import JobConfig, SamplingConfig
 from tidal.config.streaming import StreamingConfig
 from tidal.dataflow.batch import Batch
+from tidal.registry import ROLLOUT_ENGINES
 from tidal.resharding.executor import SyncStats
-from tidal.resharding.layout import ParallelLayout
 from tidal.resharding.spec import TensorSpec
 from tidal.resharding.sync import Resharder, WeightSource, WeightTarget
 from tidal.workers.context import WorkerContext
 from tidal.workers.endpoint import Collect, Dispatch, endpoint
-from tidal.workers.engines.embedded.continuous import ContinuousBatcher, GroupResult, Request
-from tidal.workers.engines.embedded.engine import EmbeddedEngine
-from tidal.workers.engines.embedded.streaming import StreamingGenerator
+from tidal.workers.engines.base import RolloutEngine
+from tidal.workers.engines.requests import GroupResult, Request
+from tidal.workers.engines.streaming import StreamingGenerator
 
 if TYPE_CHECKING:
     from tidal.dataflow.store import StreamStore
@@ -50,13 +52,7 @@ class RolloutRole:
     def __init__(self, cfg: JobConfig, ctx: WorkerContext) -> None:
         self.cfg = cfg
         self.ctx = ctx
-        self.engine = EmbeddedEngine(
-            cfg.model.path,
-            dtype=cfg.model.dtype,
-            device=ctx.device,
-            max_batch_size=cfg.rollout.max_batch_size,
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
+        self.engine: RolloutEngine = ROLLOUT_ENGINES.get(cfg.rollout.backend.type).from_config(cfg, ctx)
         self.stop_token_ids = sorted(set(self.engine.eos_token_ids) | set(cfg.rollout.stop_token_ids))
         self.weights_version = 0
         # Plans and executors are kept across steps; built at the first sync (a collective).
@@ -88,14 +84,13 @@ class RolloutRole:
             raise ValueError(f"rollout.generate seed={seed} must be >= 0")
         sampling = self.cfg.rollout.sampling if sampling is None else sampling
         version = self.weights_version if policy_version is None else policy_version
-        generator = torch.Generator(device=self.engine.device).manual_seed(_rank_seed(seed, self.ctx.dp_rank))
         with self._paused(drain=False):  # a running stream generator shares the engine's cache
             out = self.engine.generate(
                 batch["prompt_ids"],
                 batch["prompt_mask"],
                 sampling,
                 self.stop_token_ids,
-                generator,
+                _rank_seed(seed, self.ctx.dp_rank),
                 num_samples=sampling.n,
             )
         # Every rank returns R = max_new_tokens columns, so shards of different ranks concatenate.
@@ -130,7 +125,7 @@ class RolloutRole:
         stats = None
         with self._paused():
             if isinstance(weights, WeightSource):
-                stats = self.engine.load_weights_in_place(
+                stats = self.engine.write_weights(
                     lambda params: self.resharder.sync(weights, self._target(params))
                 )
             else:
@@ -143,7 +138,7 @@ class RolloutRole:
         returns what `write` returns. A running stream generator is paused (or drained, per
         trainer.streaming.interrupt_on_sync) around the write and resumes under the new weights."""
         with self._paused():
-            result = self.engine.load_weights_in_place(write)
+            result = self.engine.write_weights(write)
             self.weights_version = version
         return result
 
@@ -158,11 +153,12 @@ class RolloutRole:
             )
         self.stream_settings = settings
         self.streaming = StreamingGenerator(
-            ContinuousBatcher(self.engine, version=self.weights_version),
+            self.engine.continuous(self.weights_version),
             lambda result: self._store_group(store, settings, result),
             name=self.name,
             group_timeout_s=settings.group_timeout_s,
             straggler_policy=settings.straggler_policy,
+            device=self.engine.device,
         ).start()
 
     @endpoint(Dispatch.DP_SPLIT, collect=Collect.LIST)
@@ -193,7 +189,6 @@ class RolloutRole:
             seed = int(batch["seed"][row])
             if seed < 0:
                 raise ValueError(f"rollout.stream_submit: row {row} has seed={seed}; seeds must be >= 0")
-            rng = torch.Generator(device=self.engine.device).manual_seed(_request_seed(seed))
             requests.append(
                 Request(
                     rid=str(batch["uid"][row]),
@@ -201,7 +196,7 @@ class RolloutRole:
                     num_samples=sampling.n,
                     sampling=sampling,
                     stop_token_ids=self.stop_token_ids,
-                    generator=rng,
+                    seed=_request_seed(seed),
                     payload=batch.slice(row, row + 1),
                 )
             )
@@ -284,9 +279,9 @@ class RolloutRole:
         )
 
     def _target(self, params: dict[str, torch.Tensor]) -> WeightTarget:
-        """The embedded engine holds a full replica on every rank: the `hf` layout, dp = ranks."""
+        """This rank's share of the engine's weight layout, as the resharder writes into it."""
         return WeightTarget(
-            TensorSpec.of(params), ParallelLayout.hf(dp=self.ctx.dp_size), self.ctx.dp_rank, params
+            TensorSpec.of(params), self.engine.weight_layout(self.ctx.dp_size), self.ctx.dp_rank, params
         )
 
 

@@ -14,8 +14,8 @@ and calls `rebuild`, which re-prefills every in-flight sequence (prompt + the to
 the new weights. Every token records the `version` of the weights whose logits it was drawn from,
 and its log-prob is the one from those logits, so a response may span several versions.
 
-Sampling is per request: each request may carry its own SamplingConfig and torch.Generator, and
-only its own rows are drawn from its generator, so what a request samples depends on its prompt,
+Sampling is per request: each request may carry its own SamplingConfig and seed (a torch.Generator
+of its own), and only its own rows are drawn from that generator, so what a request samples depends on its prompt,
 seed and weights, not on which other requests shared the batch.
 """
 
@@ -23,94 +23,21 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Hashable
 
 import torch
 
-from tidal.config.schema import SamplingConfig
 from tidal.workers.engines.embedded.engine import EmbeddedEngine
 from tidal.workers.engines.embedded.sampling import sample_next_per_generator
-
-Status = Literal["done", "truncated", "dropped"]
-StragglerPolicy = Literal["truncate", "drop"]
-
-
-@dataclass
-class Request:
-    """One prompt to sample `num_samples` responses for."""
-
-    rid: Hashable  # unique among the batcher's unfinished requests
-    prompt_ids: torch.Tensor  # [P] int64, the real tokens only (no padding)
-    num_samples: int
-    sampling: SamplingConfig  # `n` is not read: num_samples is
-    stop_token_ids: Sequence[int]  # the complete stop set; the stop token is part of the response
-    generator: torch.Generator | None = None
-    payload: Any = None  # carried to the GroupResult untouched (the role keeps the prompt row here)
-
-
-@dataclass(eq=False)  # compared by identity
-class _Sequence:
-    group: _Group
-    ids: list[int] = field(default_factory=list)
-    log_probs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-    done: bool = False
-    truncated: bool = False
-
-
-class _Group:
-    def __init__(self, request: Request) -> None:
-        self.request = request
-        self.stops = frozenset(int(t) for t in request.stop_token_ids)
-        self.max_new = request.sampling.max_new_tokens
-        self.seqs: list[_Sequence] = []
-        self.num_open = request.num_samples
-        self.started_at: float | None = None
-
-
-@dataclass
-class GroupResult:
-    """A finished request: its sequences in sample order (empty lists when dropped)."""
-
-    request: Request
-    status: Status
-    response_ids: list[list[int]]
-    log_probs: list[list[float]]
-    versions: list[list[int]]  # the weights version that sampled each token
-    truncated: list[bool]  # per sequence: cut by the straggler cap before it ended
-    version_at_finish: int
-
-    @property
-    def min_version(self) -> int:
-        """The oldest version of any token (the current one for a group without tokens)."""
-        return min((min(v) for v in self.versions if v), default=self.version_at_finish)
-
-    @property
-    def num_response_tokens(self) -> int:
-        return sum(len(ids) for ids in self.response_ids)
-
-    def tensors(self, width: int, pad_token_id: int) -> dict[str, torch.Tensor]:
-        """response_ids, response_mask, log_probs, token_versions [n,width] (right-padded) and truncated [n]."""
-        n = len(self.response_ids)
-        longest = max((len(ids) for ids in self.response_ids), default=0)
-        if longest > width:
-            raise ValueError(f"width={width} is shorter than the longest response ({longest} tokens)")
-        out = {
-            "response_ids": torch.full((n, width), pad_token_id, dtype=torch.long),
-            "response_mask": torch.zeros(n, width, dtype=torch.long),
-            "log_probs": torch.zeros(n, width, dtype=torch.float32),
-            "token_versions": torch.zeros(n, width, dtype=torch.long),
-        }
-        for row, (ids, lps, vers) in enumerate(zip(self.response_ids, self.log_probs, self.versions)):
-            length = len(ids)
-            out["response_ids"][row, :length] = torch.tensor(ids, dtype=torch.long)
-            out["response_mask"][row, :length] = 1
-            out["log_probs"][row, :length] = torch.tensor(lps, dtype=torch.float32)
-            out["token_versions"][row, :length] = torch.tensor(vers, dtype=torch.long)
-        out["truncated"] = torch.tensor(self.truncated, dtype=torch.bool)
-        return out
+from tidal.workers.engines.requests import (
+    GroupResult,
+    GroupState,
+    Request,
+    SequenceState,
+    Status,
+    StragglerPolicy,
+    finish,
+)
 
 
 class ContinuousBatcher:
@@ -126,10 +53,10 @@ class ContinuousBatcher:
         self.engine = engine
         self.version = version
         self.clock = clock
-        self.queue: deque[_Group] = deque()
+        self.queue: deque[GroupState] = deque()
         self._queued_ids: set[Hashable] = set()
-        self.running: dict[Hashable, _Group] = {}  # admitted and unfinished, by request id
-        self.rows: list[_Sequence] = []  # the sequences in the batch, in cache row order
+        self.running: dict[Hashable, GroupState] = {}  # admitted and unfinished, by request id
+        self.rows: list[SequenceState] = []  # the sequences in the batch, in cache row order
         self.logits: torch.Tensor | None = None  # [B,V] the next token's logits of every row
         self.next_pos: torch.Tensor | None = None  # [B] position of every row's next token
         self.num_generated_tokens = 0
@@ -166,7 +93,10 @@ class ContinuousBatcher:
         self.check(request)
         if request.rid in self.running or request.rid in self._queued_ids:
             raise ValueError(f"request id {request.rid!r} is already queued or running")
-        self.queue.append(_Group(request))
+        group = GroupState(request)
+        if request.seed is not None:
+            group.rng = torch.Generator(device=self.engine.device).manual_seed(request.seed)
+        self.queue.append(group)
         self._queued_ids.add(request.rid)
 
     # ------------------------------------------------------------------ the decode step
@@ -245,7 +175,7 @@ class ContinuousBatcher:
 
     def _admit(self) -> None:
         free = self.engine.max_batch_size - len(self.rows)
-        admitted: list[_Group] = []
+        admitted: list[GroupState] = []
         while self.queue and self.queue[0].request.num_samples <= free:
             group = self.queue.popleft()
             self._queued_ids.discard(group.request.rid)
@@ -266,7 +196,7 @@ class ContinuousBatcher:
         now = self.clock()
         for group in admitted:
             group.started_at = now
-            group.seqs = [_Sequence(group) for _ in range(group.request.num_samples)]
+            group.seqs = [SequenceState(group) for _ in range(group.request.num_samples)]
             self.running[group.request.rid] = group
             self.rows.extend(group.seqs)
         new_pos = mask.long().sum(-1)[fan_out]
@@ -283,13 +213,11 @@ class ContinuousBatcher:
         # sampling settings -> generator -> rows (None: the global generator)
         buckets: dict[tuple, dict[int | None, list[int]]] = {}
         for row, seq in enumerate(self.rows):
-            request = seq.group.request
-            s = request.sampling
+            s = seq.group.request.sampling
             by_generator = buckets.setdefault((s.temperature, s.top_k, s.top_p), {})
-            by_generator.setdefault(None if request.generator is None else id(request.generator), []).append(
-                row
-            )
-        generators = {id(g): g for g in (s.group.request.generator for s in self.rows) if g is not None}
+            rng = seq.group.rng
+            by_generator.setdefault(None if rng is None else id(rng), []).append(row)
+        generators = {id(g): g for g in (s.group.rng for s in self.rows) if g is not None}
         device = self.logits.device
         if len(buckets) == 1:
             (((temperature, top_k, top_p), by_generator),) = buckets.items()
@@ -325,18 +253,9 @@ class ContinuousBatcher:
         self.logits, self.next_pos = self.logits[idx], self.next_pos[idx]
         return None if tokens is None else tokens[idx]
 
-    def _finish(self, group: _Group, status: Status) -> GroupResult:
+    def _finish(self, group: GroupState, status: Status) -> GroupResult:
         del self.running[group.request.rid]
-        seqs = [] if status == "dropped" else group.seqs
-        return GroupResult(
-            request=group.request,
-            status=status,
-            response_ids=[s.ids for s in seqs],
-            log_probs=[s.log_probs for s in seqs],
-            versions=[s.versions for s in seqs],
-            truncated=[s.truncated for s in seqs],
-            version_at_finish=self.version,
-        )
+        return finish(group, status, self.version)
 
     def _left_pad(self, sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in sequences)

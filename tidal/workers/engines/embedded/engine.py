@@ -9,28 +9,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM
 
-from tidal.config.schema import SamplingConfig
-from tidal.dataflow.tokenizer import load_tokenizer
+from tidal.config.schema import JobConfig, SamplingConfig
+from tidal.dataflow.tokenizer import eos_token_ids, load_tokenizer, pad_token_id
+from tidal.workers.engines.base import Generation, RolloutEngine
 from tidal.workers.engines.embedded.forward import FastForward, HFForward
 from tidal.workers.engines.embedded.linear import packing_available
 from tidal.workers.engines.embedded.sampling import sample_next
+
+if TYPE_CHECKING:
+    from tidal.workers.context import WorkerContext
+    from tidal.workers.engines.embedded.continuous import ContinuousBatcher
 
 Impl = Literal["auto", "fast", "hf"]
 T = TypeVar("T")
 
 
-class Generation(NamedTuple):
-    response_ids: torch.Tensor  # [N,R] int64, right-padded with the pad id
-    response_mask: torch.Tensor  # [N,R] int64, 1 for generated tokens (stop token included)
-    log_probs: torch.Tensor  # [N,R] float32, log p of each sampled token under the sampling policy
-
-
-class EmbeddedEngine:
+class EmbeddedEngine(RolloutEngine):
     def __init__(
         self,
         model_path: str | Path,
@@ -58,8 +57,8 @@ class EmbeddedEngine:
         )
         self.model.to(self.device).eval().requires_grad_(False)
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
-        self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
-        self.pad_token_id = self._pad_token_id()
+        self.eos_token_ids = eos_token_ids(self.tokenizer, self.model.generation_config)
+        self.pad_token_id = pad_token_id(self.tokenizer, self.eos_token_ids)
         self.impl = self._choose_impl(impl)
         if pack_weights is None:
             # Below hidden size 256 oneDNN's per-call overhead outweighs its faster GEMM (measured).
@@ -81,6 +80,21 @@ class EmbeddedEngine:
         # different steps, compacting measured ~20% faster (64 rows, 4-layer hidden-256 model).
         self.compact_finished = True
 
+    @classmethod
+    def from_config(cls, cfg: JobConfig, ctx: WorkerContext) -> EmbeddedEngine:
+        return cls(
+            cfg.model.path,
+            dtype=cfg.model.dtype,
+            device=ctx.device,
+            max_batch_size=cfg.rollout.max_batch_size,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+
+    def continuous(self, version: int) -> ContinuousBatcher:
+        from tidal.workers.engines.embedded.continuous import ContinuousBatcher
+
+        return ContinuousBatcher(self, version=version)
+
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
@@ -90,7 +104,7 @@ class EmbeddedEngine:
         prompt_mask: torch.Tensor,
         sampling: SamplingConfig,
         stop_token_ids: Sequence[int],
-        generator: torch.Generator | None = None,
+        seed: int | None = None,
         num_samples: int = 1,
     ) -> Generation:
         """Sample `num_samples` responses for each row of the left-padded prompts [N,P].
@@ -105,6 +119,7 @@ class EmbeddedEngine:
             raise ValueError(f"num_samples={num_samples} must be >= 1")
         self._check_prompts(prompt_ids, prompt_mask)
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device).bool()
+        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=self.device)
         prompts_per_chunk = max(1, self.max_batch_size // num_samples)
         pieces = [
@@ -214,7 +229,7 @@ class EmbeddedEngine:
         return count
 
     @torch.no_grad()
-    def load_weights_in_place(self, write: Callable[[dict[str, torch.Tensor]], T]) -> T:
+    def write_weights(self, write: Callable[[dict[str, torch.Tensor]], T]) -> T:
         """Let `write` fill the model's parameters in place, then re-read what the forward keeps
         fused or packed; returns what `write` returns.
 
@@ -237,16 +252,6 @@ class EmbeddedEngine:
             raise ValueError(f"impl='fast' cannot run this model ({reason}); use impl='auto' or 'hf'")
         return impl
 
-    def _pad_token_id(self) -> int:
-        # No pad token: padding with EOS is the usual convention; masks make the value irrelevant.
-        if self.tokenizer.pad_token_id is not None:
-            return int(self.tokenizer.pad_token_id)
-        if self.eos_token_ids:
-            return self.eos_token_ids[0]
-        raise ValueError(
-            "the tokenizer has neither a pad nor an EOS token; set pad_token in tokenizer_config.json"
-        )
-
     @staticmethod
     def _check_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> None:
         if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
@@ -261,17 +266,6 @@ class EmbeddedEngine:
                 "prompts must be LEFT-padded and non-empty: every row's last column must be a real "
                 "token (prompt_mask[:, -1] == 1); pad prompts on the left"
             )
-
-
-def _eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every id that ends a response: the tokenizer's EOS and the generation config's (HF's rule)."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    if configured is not None:
-        ids.update(int(i) for i in (configured if isinstance(configured, list) else [configured]))
-    return sorted(ids)
 
 
 def _pad_right(x: torch.Tensor, width: int, value: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""StreamingGenerator: a background thread that keeps a ContinuousBatcher decoding.
+"""StreamingGenerator: a background thread that keeps a ContinuousEngine decoding (any engine).
 
 The streaming trainer's rollout worker submits requests (thread-safe) and gets finished groups
 through a `sink` callback, which runs on a second thread so that a slow or full store never stops
@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from tidal.workers.engines.embedded.continuous import ContinuousBatcher, GroupResult, Request, StragglerPolicy
+from tidal.workers.engines.base import ContinuousEngine
+from tidal.workers.engines.requests import GroupResult, Request, StragglerPolicy
 
 # With nothing to do the loop sleeps until a submit wakes it; the timeout only bounds how stale
 # its view of a stop or pause request can get if a notification were missed.
@@ -32,16 +33,19 @@ _IDLE_WAIT_S = 0.5
 class StreamingGenerator:
     def __init__(
         self,
-        batcher: ContinuousBatcher,
+        batcher: ContinuousEngine,
         sink: Callable[[GroupResult], Any],
         *,
         name: str,
         group_timeout_s: float | None = None,
         straggler_policy: StragglerPolicy = "truncate",
+        device: torch.device | None = None,
     ) -> None:
+        """`device`: the engine's device, made current on the decode thread (CUDA devices are per thread)."""
         if straggler_policy not in ("truncate", "drop"):
             raise ValueError(f"straggler_policy={straggler_policy!r} is not 'truncate' or 'drop'")
         self.batcher = batcher
+        self.device = device
         self.sink = sink
         self.name = name
         self.group_timeout_s = group_timeout_s
@@ -159,8 +163,8 @@ class StreamingGenerator:
     # ------------------------------------------------------------------ the two threads
 
     def _run(self) -> None:
-        device = self.batcher.engine.device
-        if device.type == "cuda" and device.index is not None:
+        device = self.device
+        if device is not None and device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # the current device is per thread
         try:
             while True:

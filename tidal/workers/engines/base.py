@@ -1,0 +1,172 @@
+"""The swap points: what a role asks of a generation engine.
+
+A rollout role builds its engine from its config through the ROLLOUT_ENGINES registry
+(`rollout.backend.type`: embedded, vllm, sglang) and then speaks only this interface:
+
+- `generate`: one-shot batched sampling (the sync loop, held-out evaluation);
+- `continuous`: a scheduler for the streaming loop: requests join and leave the running batch
+  one token at a time, in-flight requests can be aborted and resumed under new weights, and every
+  token records the weights version that sampled it (`ContinuousEngine`);
+- weights: `weight_layout` says which layout the resharder writes into, `write_weights` lets it
+  fill the engine's tensors in place, `load_weights` takes full named tensors;
+- `sleep` / `wake`: give generation memory back while the trainer runs (GPU engines).
+
+Every engine returns the same columns for the same SamplingConfig (token ids, masks, the
+behaviour log-prob of each sampled token: log_softmax(logits / temperature) over the whole
+vocabulary, see embedded/sampling.py), so the rest of Tidal never knows which one ran.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from tidal.config.schema import SamplingConfig
+from tidal.resharding.layout import ParallelLayout
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from tidal.config.schema import JobConfig
+    from tidal.workers.context import WorkerContext
+    from tidal.workers.engines.requests import GroupResult, Request, StragglerPolicy
+
+T = TypeVar("T")
+
+
+class Generation(NamedTuple):
+    response_ids: torch.Tensor  # [N,R] int64, right-padded with the pad id
+    response_mask: torch.Tensor  # [N,R] int64, 1 for generated tokens (stop token included)
+    log_probs: torch.Tensor  # [N,R] float32, log p of each sampled token under the sampling policy
+
+
+def pack_responses(ids: list[list[int]], log_probs: list[list[float]], pad_id: int) -> Generation:
+    """Right-padded [N,R] tensors of per-sample token ids and log-probs, R the longest response."""
+    width = max((len(row) for row in ids), default=0)
+    out = Generation(
+        torch.full((len(ids), width), pad_id, dtype=torch.long),
+        torch.zeros(len(ids), width, dtype=torch.long),
+        torch.zeros(len(ids), width, dtype=torch.float32),
+    )
+    for row, (tokens, values) in enumerate(zip(ids, log_probs)):
+        out.response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        out.response_mask[row, : len(tokens)] = 1
+        out.log_probs[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+def sample_seed(seed: int, *path: int) -> int:
+    """A 63-bit seed for one sample, from the call's seed and the sample's place (row, sample ...):
+    engines that seed each sample apart make a sample independent of its neighbours in the batch."""
+    return int(np.random.SeedSequence([seed, *path]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class ContinuousEngine(Protocol):
+    """A running batch that requests join and leave token by token (streaming mode).
+
+    Single-threaded: one thread (engines/streaming.py) calls everything but `check`. `version` is
+    the weights version stamped on the tokens sampled next.
+    """
+
+    version: int
+    num_generated_tokens: int
+
+    @property
+    def num_queued(self) -> int: ...
+
+    @property
+    def num_running(self) -> int:
+        """Sequences in the running batch."""
+        ...
+
+    def pending_ids(self) -> list[Hashable]:
+        """Request ids not finished: queued, then running."""
+        ...
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError if `request` can never run here (reads no state: any thread may call it)."""
+        ...
+
+    def submit(self, request: Request) -> None: ...
+
+    def step(self, admit: bool = True) -> list[GroupResult]:
+        """Admit queued requests (unless `admit` is False), advance every running sequence by one
+        decode step, and return the requests that completed."""
+        ...
+
+    def expire(self, timeout_s: float, policy: StragglerPolicy) -> list[GroupResult]:
+        """End every request running longer than `timeout_s` (truncate or drop)."""
+        ...
+
+    def rebuild(self) -> None:
+        """Continue every in-flight sequence under the weights just written: the tokens it has stay,
+        the next ones come from the new weights (abort + resume with prompt + partial response)."""
+        ...
+
+
+class RolloutEngine(ABC):
+    """A generation backend of the rollout role (one per rollout worker)."""
+
+    device: torch.device
+    tokenizer: PreTrainedTokenizerBase
+    eos_token_ids: list[int]  # the model's own stop set (tokenizer EOS + generation config)
+    pad_token_id: int
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, cfg: JobConfig, ctx: WorkerContext) -> RolloutEngine:
+        """Build the engine the job's `rollout` section describes, on this worker's device."""
+
+    @abstractmethod
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        sampling: SamplingConfig,
+        stop_token_ids: Sequence[int],
+        seed: int | None = None,
+        num_samples: int = 1,
+    ) -> Generation:
+        """Sample `num_samples` responses for each row of the left-padded prompts [N,P].
+
+        Rows come out interleaved (prompt 0's samples, then prompt 1's ...). `stop_token_ids` is
+        the complete stop set and the stop token is part of the response. `seed` makes the draws
+        reproducible (None: the engine's own random state); `sampling.n` is not read.
+        """
+
+    @abstractmethod
+    def continuous(self, version: int) -> ContinuousEngine:
+        """A continuous-batching scheduler over this engine, stamping tokens with `version`."""
+
+    # ------------------------------------------------------------------ weights
+
+    def weight_layout(self, dp_size: int) -> ParallelLayout:
+        """The layout `write_weights` exposes: by default a full replica per rollout rank."""
+        return ParallelLayout.hf(dp=dp_size)
+
+    @abstractmethod
+    def write_weights(self, write: Callable[[dict[str, torch.Tensor]], T]) -> T:
+        """Let `write` fill the engine's weight tensors in place, by Hugging Face name and in
+        `weight_layout`, then serve them; returns what `write` returns."""
+
+    @abstractmethod
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy full Hugging Face-named tensors in (a partial set is fine); returns how many."""
+
+    # ------------------------------------------------------------------ memory
+
+    def sleep(self) -> None:
+        """Free generation memory (KV cache, weights) while the trainer runs; no-op where unsupported."""
+        return None
+
+    def wake(self) -> None:
+        """Undo `sleep` before generating."""
+        return None
+
+    def close(self) -> None:
+        """Release what the engine holds outside Python's reach (threads, device memory)."""
+        return None

@@ -1,0 +1,1 @@
+"""SGLang rollout engine (GPU only); importing this package does not import SGLang."""

@@ -1,0 +1,3 @@
+"""vLLM rollout engine (engine.py) and its continuous batching for streaming (continuous.py).
+
+Importing this package does not import vLLM; building a VLLMEngine does."""

