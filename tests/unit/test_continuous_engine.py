@@ -30,8 +30,8 @@ from tidal.dataflow.batch import Batch
 from tidal.workers.context import WorkerContext
 from tidal.workers.endpoint import Collect, Dispatch, EndpointSpec, endpoint_spec
 from tidal.workers.engines.embedded.continuous import ContinuousBatcher
-from tidal.workers.engines.requests import GroupResult, Request
 from tidal.workers.engines.embedded.engine import EmbeddedEngine
+from tidal.workers.engines.requests import GroupResult, Request
 from tidal.workers.engines.streaming import StreamingGenerator
 from tidal.workers.roles.rollout import RolloutRole
 

@@ -8,6 +8,7 @@ a job joining a cluster is sized against that cluster by the resource pools.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -145,6 +146,39 @@ def _check_tokenizer(field: str, path: str, trust_remote_code: bool) -> list[str
     return []
 
 
+def model_attention_shape(cfg: JobConfig) -> tuple[int, int, int] | None:
+    """(attention heads, KV heads, head size) of the policy: from its config.json, or from the build
+    settings of a model still to be built; None when neither says."""
+    from tidal.config.schema import TinyQwen2Build
+
+    config_file = Path(cfg.model.path).expanduser() / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        config = config.get("text_config", config)
+        heads = config.get("num_attention_heads")
+        if not isinstance(heads, int) or not isinstance(config.get("hidden_size"), int):
+            return None
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        return heads, config.get("num_key_value_heads") or heads, head_dim
+    build = cfg.model.build
+    if isinstance(build, TinyQwen2Build):
+        return build.num_heads, build.num_kv_heads, build.hidden_size // build.num_heads
+    return None
+
+
+def check_rollout_backend(cfg: JobConfig) -> list[str]:
+    """What the model's shape rules out for the rollout engine (head size, tensor-parallel split)."""
+    from tidal.config.rollout_backend import model_problems
+
+    shape = model_attention_shape(cfg)
+    if shape is None:
+        return []
+    heads, kv_heads, head_dim = shape
+    return model_problems(
+        cfg.rollout.backend, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, on_gpu=cfg.rollout_on_gpu
+    )
+
+
 def check_data_files(cfg: JobConfig) -> list[str]:
     problems = []
     for field in ("train_files", "val_files"):
@@ -188,6 +222,7 @@ CHECKS: tuple[Callable[[JobConfig], list[str]], ...] = (
     check_output_dir,
     check_devices,
     check_model,
+    check_rollout_backend,
     check_data_files,
 )
 

@@ -81,6 +81,7 @@ class ActorRole:
             param_dtype=compute_param_dtype(cfg),
         )
         self.temperature = log_prob_temperature(cfg)
+        self._rollout_gap: float | None = None  # actor/rollout_logprob_gap_max of the running update
         POLICY_LOSSES.get(actor.policy_loss)  # an unknown name fails here, not mid-update
 
     @endpoint(Dispatch.DP_SPLIT)
@@ -119,6 +120,7 @@ class ActorRole:
             if actor.kl_loss_correct_threshold is not None:
                 keys += ("seq_reward",)
         loss_fn = partial(self._loss, on_policy=on_policy, kl_coef=kl_loss_coef(actor, step))
+        self._rollout_gap = None
         metrics = self.engine.train(
             columns_of(batch, keys, "actor.update"),
             num_mini_batches=self.cfg.sizes.num_mini_batches,
@@ -129,6 +131,10 @@ class ActorRole:
             temperature=self.temperature,
             with_entropy=True,
         )
+        if "rollout_log_probs" in batch:  # every rank joins the reduction, with or without data
+            (metrics["rollout_logprob_gap_max"],) = self.engine.all_reduce(
+                [self._rollout_gap or 0.0], op=torch.distributed.ReduceOp.MAX
+            )
         return {f"actor/{key}": value for key, value in metrics.items()}
 
     @endpoint(Dispatch.DP_SPLIT, collect=Collect.FIRST)
@@ -168,6 +174,12 @@ class ActorRole:
         kl_coef: float,
     ) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
         log_probs, entropy = outputs
+        if "rollout_log_probs" in micro:
+            # Largest per-token |trainer - rollout| log-prob: with one optimizer step per sample both
+            # come from the same weights, so this is the engines' numerical disagreement.
+            mask = micro["response_mask"].bool()
+            gap = float((log_probs.detach() - micro["rollout_log_probs"]).abs()[mask].max()) if mask.any() else 0.0
+            self._rollout_gap = max(self._rollout_gap or 0.0, gap)
         return actor_objective(
             log_probs,
             entropy,
