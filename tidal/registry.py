@@ -352,3 +352,6 @@ ROLLOUT_ENGINES: Registry[Any] = Registry("rollout engine", field="rollout.backe
 ROLLOUT_ENGINES.declare("embedded", "tidal.workers.engines.embedded.engine:EmbeddedEngine")
 ROLLOUT_ENGINES.declare("vllm", "tidal.workers.engines.vllm.engine:VLLMEngine")
 ROLLOUT_ENGINES.declare("sglang", "tidal.workers.engines.sglang.engine:SGLangEngine", needs_gpu=True)
+
+TRAIN_ENGINES: Registry[Any] = Registry("train engine", field="actor.backend", metadata=EngineMeta)
+TRAIN_ENGINES.declare("fsdp2", "tidal.workers.engines.fsdp.engine:FSDPEngine")

@@ -107,7 +107,7 @@ def test_register_decorates_with_aliases_and_metadata():
 
 
 def test_every_catalog_entry_resolves_to_a_callable():
-    assert len(CATALOG) == 11
+    assert len(CATALOG) == 12
     for family, reg in CATALOG.items():
         for name in reg.names():
             assert callable(reg.get(name)), f"{family}:{name}"
@@ -140,7 +140,7 @@ def test_algorithms_and_rewards_use_the_catalog_instances():
     from tidal.workers import rewards
 
     for name, reg in CATALOG.items():
-        if name == "ROLLOUT_ENGINES":
+        if name in ("ROLLOUT_ENGINES", "TRAIN_ENGINES"):
             continue  # roles read it from the catalog itself
         home = rewards if name == "REWARD_FUNCTIONS" else algorithms
         assert getattr(home, name) is reg, name

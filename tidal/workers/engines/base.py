@@ -1,4 +1,9 @@
-"""The swap points: what a role asks of a generation engine.
+"""The swap points: what a role asks of its engine.
+
+A training role (actor, critic, reference) builds its engine through the TRAIN_ENGINES registry
+(`actor.backend`: fsdp2 today, Megatron-core next) from a `TrainSpec` and then speaks only the
+`TrainEngine` interface: forward passes (`infer`), optimizer steps over mini-batches (`train`),
+collectives on scalars, its weights as a resharding source, checkpoints.
 
 A rollout role builds its engine from its config through the ROLLOUT_ENGINES registry
 (`rollout.backend.type`: embedded, vllm, sglang) and then speaks only this interface:
@@ -19,23 +24,96 @@ vocabulary, see embedded/sampling.py), so the rest of Tidal never knows which on
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import torch
 
-from tidal.config.schema import SamplingConfig
+from tidal.config.schema import ModelConfig, OptimConfig, SamplingConfig
 from tidal.resharding.layout import ParallelLayout
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from tidal.config.schema import JobConfig
+    from tidal.resharding.sync import WeightSource
     from tidal.workers.context import WorkerContext
     from tidal.workers.engines.requests import GroupResult, Request, StragglerPolicy
 
 T = TypeVar("T")
+
+
+# ------------------------------------------------------------------------------------ training
+
+ModelKind = Literal["policy", "value", "frozen_policy"]
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What a training role asks its engine to build and run."""
+
+    kind: ModelKind  # policy: a causal LM that trains; value: backbone + value head; frozen_policy: no optimizer
+    model: ModelConfig
+    optim: OptimConfig | None = None  # None: inference only
+    total_steps: int = 0  # optimizer steps of the whole run (the learning-rate schedule)
+    gradient_checkpointing: bool = False
+    seed: int = 0  # initialises what the pretrained model lacks (the value head)
+
+
+LossFn = Callable[[list[Any], dict[str, torch.Tensor], Any], tuple[torch.Tensor, dict[str, float], dict[str, float]]]
+
+
+class TrainEngine(ABC):
+    """A sharded model that trains and scores, one per training worker."""
+
+    device: torch.device
+
+    @classmethod
+    @abstractmethod
+    def for_role(cls, spec: TrainSpec, ctx: WorkerContext) -> TrainEngine:
+        """Load `spec.model` for `spec.kind` and shard it over the worker group."""
+
+    @abstractmethod
+    def infer(self, columns: dict[str, torch.Tensor], micro_batch_size: int, **forward_kwargs: Any) -> list[Any]:
+        """Forward over this rank's samples in micro-batches; each output as [n, R] float32 on CPU."""
+
+    @abstractmethod
+    def train(
+        self,
+        columns: dict[str, torch.Tensor],
+        *,
+        num_mini_batches: int,
+        micro_batch_size: int,
+        epochs: int,
+        loss_fn: LossFn,
+        count_masks: tuple[str, ...] = (),
+        **forward_kwargs: Any,
+    ) -> dict[str, float]:
+        """`epochs` passes over this rank's share, one optimizer step per mini-batch; metrics are
+        identical on every rank (see FSDPEngine.train for the loss_fn contract)."""
+
+    @abstractmethod
+    def all_reduce(self, values: list[float], op: Any = None) -> list[float]:
+        """Reduce scalars over the group (sum unless `op` says otherwise)."""
+
+    @abstractmethod
+    def weight_source(self) -> WeightSource:
+        """This rank's shards of the policy, Hugging Face-named, as a resharding source (no copy)."""
+
+    @abstractmethod
+    def full_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) one at a time; a collective every rank consumes in the same order."""
+
+    @abstractmethod
+    def save_checkpoint(self, path: str) -> None: ...
+
+    @abstractmethod
+    def load_checkpoint(self, path: str) -> None: ...
+
+
+# ------------------------------------------------------------------------------------ generation
 
 
 class Generation(NamedTuple):

@@ -16,7 +16,6 @@ the first step, so the column is required.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -25,18 +24,11 @@ from tidal.algorithms import POLICY_LOSSES, GlobalCounts
 from tidal.algorithms.objective import actor_objective, kl_loss_coef
 from tidal.config.schema import JobConfig
 from tidal.dataflow.batch import Batch
-from tidal.resharding.fsdp_source import fsdp_source
+from tidal.registry import TRAIN_ENGINES
 from tidal.resharding.sync import WeightSource
 from tidal.workers.context import WorkerContext
 from tidal.workers.endpoint import Collect, Dispatch, endpoint
-from tidal.workers.engines.fsdp import (
-    DTYPES,
-    FSDPEngine,
-    PolicyModel,
-    block_types,
-    choose_layout,
-    load_pretrained,
-)
+from tidal.workers.engines.base import TrainEngine, TrainSpec
 
 SEQUENCE_COLUMNS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 # Written by the advantage task when token selection or an off-policy correction is configured.
@@ -46,12 +38,6 @@ POLICY_GRADIENT_COLUMNS = ("pg_mask", "is_weights")
 def log_prob_temperature(cfg: JobConfig) -> float:
     """The temperature the rollout sampled with (greedy, 0, scores with the plain softmax: 1.0)."""
     return cfg.rollout.sampling.temperature or 1.0
-
-
-def compute_param_dtype(cfg: JobConfig) -> torch.dtype | None:
-    """Trained models keep float32 master weights; model.dtype other than float32 is the compute dtype."""
-    dtype = DTYPES[cfg.model.dtype]
-    return None if dtype == torch.float32 else dtype
 
 
 def columns_of(batch: Batch, keys: tuple[str, ...], role: str) -> dict[str, torch.Tensor]:
@@ -66,20 +52,14 @@ class ActorRole:
         self.cfg = cfg
         self.ctx = ctx
         actor = cfg.actor
-        layout, attention = choose_layout(ctx.device, DTYPES[cfg.model.dtype])
-        lm = load_pretrained(cfg.model, torch.float32, attn_implementation=attention)
-        if actor.gradient_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        total_steps = cfg.trainer.total_steps * cfg.sizes.num_mini_batches * actor.epochs
-        self.engine = FSDPEngine(
-            PolicyModel(lm),
-            ctx,
-            blocks=block_types(lm),
-            layout=layout,
+        spec = TrainSpec(
+            kind="policy",
+            model=cfg.model,
             optim=actor.optim,
-            total_steps=total_steps,
-            param_dtype=compute_param_dtype(cfg),
+            total_steps=cfg.trainer.total_steps * cfg.sizes.num_mini_batches * actor.epochs,
+            gradient_checkpointing=actor.gradient_checkpointing,
         )
+        self.engine: TrainEngine = TRAIN_ENGINES.get(actor.backend).for_role(spec, ctx)
         self.temperature = log_prob_temperature(cfg)
         self._rollout_gap: float | None = None  # actor/rollout_logprob_gap_max of the running update
         POLICY_LOSSES.get(actor.policy_loss)  # an unknown name fails here, not mid-update
@@ -191,17 +171,13 @@ class ActorRole:
         )
 
     def export_weights(self) -> WeightSource:
-        """This rank's FSDP shards as the source of a weight sync (no gather, no copy).
+        """This rank's shards as the source of a weight sync (no gather, no copy).
 
         The rollout resharder moves only what each rank lacks. Iterating the source instead
         yields full Hugging Face-named tensors, one at a time (a collective: every rank iterates
         it all).
         """
-        return fsdp_source(self.engine.module, strip_prefix="lm.", gather_full=self._full_weights)
-
-    def _full_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in self.engine.full_state_dict():
-            yield name.removeprefix("lm."), tensor
+        return self.engine.weight_source()
 
     @endpoint(Dispatch.ALL)
     def save_checkpoint(self, path: str) -> None:

@@ -14,17 +14,11 @@ import torch
 from tidal.algorithms import GlobalCounts, value_loss
 from tidal.config.schema import JobConfig
 from tidal.dataflow.batch import Batch
+from tidal.registry import TRAIN_ENGINES
 from tidal.workers.context import WorkerContext
 from tidal.workers.endpoint import Collect, Dispatch, endpoint
-from tidal.workers.engines.fsdp import (
-    DTYPES,
-    FSDPEngine,
-    ValueModel,
-    block_types,
-    choose_layout,
-    load_pretrained,
-)
-from tidal.workers.roles.actor import SEQUENCE_COLUMNS, columns_of, compute_param_dtype
+from tidal.workers.engines.base import TrainEngine, TrainSpec
+from tidal.workers.roles.actor import SEQUENCE_COLUMNS, columns_of
 
 
 def critic_num_mini_batches(cfg: JobConfig) -> int:
@@ -39,20 +33,16 @@ class CriticRole:
         self.cfg = cfg
         self.ctx = ctx
         critic = cfg.critic
-        layout, attention = choose_layout(ctx.device, DTYPES[cfg.model.dtype])
-        backbone = load_pretrained(cfg.model, torch.float32, causal_lm=False, attn_implementation=attention)
-        if critic.gradient_checkpointing:
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.num_mini_batches = critic_num_mini_batches(cfg)
-        self.engine = FSDPEngine(
-            ValueModel(backbone, seed=cfg.trainer.seed),
-            ctx,
-            blocks=block_types(backbone),
-            layout=layout,
+        spec = TrainSpec(
+            kind="value",
+            model=cfg.model,
             optim=critic.optim,
             total_steps=cfg.trainer.total_steps * self.num_mini_batches * critic.epochs,
-            param_dtype=compute_param_dtype(cfg),
+            gradient_checkpointing=critic.gradient_checkpointing,
+            seed=cfg.trainer.seed,
         )
+        self.engine: TrainEngine = TRAIN_ENGINES.get(critic.backend).for_role(spec, ctx)
 
     @endpoint(Dispatch.DP_SPLIT)
     def compute_values(self, batch: Batch) -> Batch:

@@ -21,7 +21,7 @@ from tidal.config.registry_check import bind_preference_loss
 from tidal.config.schema import JobConfig
 from tidal.dataflow.batch import Batch
 from tidal.workers.endpoint import Dispatch, endpoint
-from tidal.workers.engines.fsdp import FSDPEngine
+from tidal.workers.engines.base import TrainEngine
 from tidal.workers.engines.fsdp.pairs import infer_pair_log_probs, run_pairs
 from tidal.workers.roles.actor import columns_of
 from tidal.workers.roles.reference import ReferenceRole
@@ -73,7 +73,7 @@ def pair_columns(batch: Batch, cfg: JobConfig, caller: str) -> dict[str, torch.T
     return columns_of(batch, keys, caller)
 
 
-def update(engine: FSDPEngine, cfg: JobConfig, batch: Batch, *, sft: bool = False) -> dict[str, float]:
+def update(engine: TrainEngine, cfg: JobConfig, batch: Batch, *, sft: bool = False) -> dict[str, float]:
     """One training step on this rank's pairs: the configured loss, or SFT on the chosen responses."""
     actor = cfg.actor
     if sft:
@@ -104,7 +104,7 @@ def update(engine: FSDPEngine, cfg: JobConfig, batch: Batch, *, sft: bool = Fals
     return {f"actor/{key}": value for key, value in metrics.items()} | {"actor/sft_stage": float(sft)}
 
 
-def evaluate(engine: FSDPEngine, cfg: JobConfig, batch: Batch) -> dict[str, float]:
+def evaluate(engine: TrainEngine, cfg: JobConfig, batch: Batch) -> dict[str, float]:
     """The configured loss and its preference metrics on held-out pairs, without gradients (`val/`)."""
     metrics = run_pairs(
         engine,

@@ -5,16 +5,10 @@ from __future__ import annotations
 
 from tidal.config.schema import JobConfig, ModelConfig
 from tidal.dataflow.batch import Batch
+from tidal.registry import TRAIN_ENGINES
 from tidal.workers.context import WorkerContext
 from tidal.workers.endpoint import Dispatch, endpoint
-from tidal.workers.engines.fsdp import (
-    DTYPES,
-    FSDPEngine,
-    PolicyModel,
-    block_types,
-    choose_layout,
-    load_pretrained,
-)
+from tidal.workers.engines.base import TrainEngine, TrainSpec
 from tidal.workers.roles.actor import SEQUENCE_COLUMNS, columns_of, log_prob_temperature
 
 
@@ -29,12 +23,9 @@ class ReferenceRole:
     def __init__(self, cfg: JobConfig, ctx: WorkerContext) -> None:
         self.cfg = cfg
         self.ctx = ctx
-        # No optimizer, so no master copy: weights are stored in the compute dtype directly.
-        dtype = DTYPES[cfg.model.dtype]
-        layout, attention = choose_layout(ctx.device, dtype)
-        lm = load_pretrained(reference_model(cfg), dtype, attn_implementation=attention)
-        lm.requires_grad_(False)
-        self.engine = FSDPEngine(PolicyModel(lm), ctx, blocks=block_types(lm), layout=layout)
+        # Frozen: no optimizer, so no master copy; the actor's training backend serves it.
+        spec = TrainSpec(kind="frozen_policy", model=reference_model(cfg))
+        self.engine: TrainEngine = TRAIN_ENGINES.get(cfg.actor.backend).for_role(spec, ctx)
         self.temperature = log_prob_temperature(cfg)
 
     @endpoint(Dispatch.DP_SPLIT)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -48,17 +48,15 @@ from torch.distributed.tensor import DTensor
 from tidal.algorithms.aggregation import GlobalCounts, count_valid
 from tidal.config.schema import ModelConfig, OptimConfig
 from tidal.kernels.logprobs import token_log_probs
+from tidal.resharding.fsdp_source import fsdp_source
+from tidal.resharding.sync import WeightSource
 from tidal.workers.context import WorkerContext
+from tidal.workers.engines.base import LossFn, TrainEngine, TrainSpec
 from tidal.workers.engines.fsdp.optim import build_optimizer, build_scheduler
 from tidal.workers.engines.fsdp.packed_rows import PackedRowsBatch
 from tidal.workers.engines.fsdp.packing import PackedBatch, SequenceBatch, sample_lengths
 from tidal.workers.engines.fsdp.padding import PaddedBatch, micro_batch_indices
 
-# (outputs [n, R] each, micro-batch columns, global counts) -> (loss, loss terms to sum, token means)
-LossFn = Callable[
-    [list[torch.Tensor | None], dict[str, torch.Tensor], GlobalCounts],
-    tuple[torch.Tensor, dict[str, float], dict[str, float]],
-]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PACK_COLUMNS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 Layout = Literal["packed", "packed_rows", "padded"]
@@ -162,7 +160,7 @@ class PolicyModel(nn.Module):
         )
 
 
-class FSDPEngine:
+class FSDPEngine(TrainEngine):
     """Shards `module` over all ranks; owns its optimizer and schedule when `optim` is given.
 
     `module(batch, **kwargs)` gets a SequenceBatch of `layout` and must return a tuple of
@@ -203,6 +201,36 @@ class FSDPEngine:
         self.optimizer = build_optimizer(module.parameters(), optim) if optim else None
         self.scheduler = build_scheduler(self.optimizer, optim, total_steps) if optim else None
         self.grad_clip = optim.grad_clip if optim else None
+        self.kind: str | None = None  # set by `for_role`
+
+    @classmethod
+    def for_role(cls, spec: TrainSpec, ctx: WorkerContext) -> FSDPEngine:
+        """The model a role asks for: a policy LM (float32 master weights, `model.dtype` compute), a
+        value model (backbone + seeded value head), or a frozen policy stored in the compute dtype."""
+        from tidal.workers.engines.fsdp.value_model import ValueModel
+
+        compute = DTYPES[spec.model.dtype]
+        layout, attention = choose_layout(ctx.device, compute)
+        frozen = spec.kind == "frozen_policy"
+        # A frozen model has no optimizer, so no master copy: it is stored in the compute dtype.
+        load_dtype = compute if frozen else torch.float32
+        lm = load_pretrained(spec.model, load_dtype, causal_lm=spec.kind != "value", attn_implementation=attention)
+        if frozen:
+            lm.requires_grad_(False)
+        if spec.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module = ValueModel(lm, seed=spec.seed) if spec.kind == "value" else PolicyModel(lm)
+        engine = cls(
+            module,
+            ctx,
+            blocks=block_types(lm),
+            layout=layout,
+            optim=spec.optim,
+            total_steps=spec.total_steps,
+            param_dtype=None if frozen or compute == torch.float32 else compute,
+        )
+        engine.kind = spec.kind
+        return engine
 
     # ------------------------------------------------------------------ collectives
     def all_reduce(self, values: list[float], op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> list[float]:
@@ -367,6 +395,18 @@ class FSDPEngine:
         return {"grad_norm": float(grad_norm), "lr": float(lr), "skipped_steps": float(not finite)}
 
     # ------------------------------------------------------------------ weights and checkpoints
+    def weight_source(self) -> WeightSource:
+        """The policy's FSDP shards under Hugging Face names (no gather, no copy); iterating it instead
+        yields full tensors one at a time (a collective: every rank iterates it all)."""
+        if not isinstance(self.module, PolicyModel):
+            raise ValueError(f"only a policy model's weights go to the rollout, not a {type(self.module).__name__}")
+
+        def full() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in self.full_state_dict():
+                yield name.removeprefix("lm."), tensor
+
+        return fsdp_source(self.module, strip_prefix="lm.", gather_full=full)
+
     def full_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) for every state-dict entry, on every rank, one tensor at a time.
 
