@@ -87,6 +87,8 @@ class EngineMeta:
 
     needs_gpu: bool = False
     """It has no CPU implementation: a job that gives its role no GPU is refused before it starts."""
+    continuous: bool = True
+    """A rollout engine with continuous batching (streaming mode needs it)."""
 
 
 # ------------------------------------------------------------------------------------ registry
@@ -351,7 +353,9 @@ REWARD_FUNCTIONS.declare("math_verify", "tidal.workers.rewards.math_verify:math_
 ROLLOUT_ENGINES: Registry[Any] = Registry("rollout engine", field="rollout.backend.type", metadata=EngineMeta)
 ROLLOUT_ENGINES.declare("embedded", "tidal.workers.engines.embedded.engine:EmbeddedEngine")
 ROLLOUT_ENGINES.declare("vllm", "tidal.workers.engines.vllm.engine:VLLMEngine")
-ROLLOUT_ENGINES.declare("sglang", "tidal.workers.engines.sglang.engine:SGLangEngine", needs_gpu=True)
+ROLLOUT_ENGINES.declare(
+    "sglang", "tidal.workers.engines.sglang.engine:SGLangEngine", needs_gpu=True, continuous=False
+)
 
 TRAIN_ENGINES: Registry[Any] = Registry("train engine", field="actor.backend", metadata=EngineMeta)
 TRAIN_ENGINES.declare("fsdp2", "tidal.workers.engines.fsdp.engine:FSDPEngine")

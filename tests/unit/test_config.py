@@ -77,3 +77,20 @@ def test_examples_validate():
 
     for path in sorted(Path(__file__).parents[2].joinpath("examples").glob("*.yaml")):
         load_config(path)
+
+
+def test_rollout_backends_are_sections_with_their_own_fields():
+    cfg = cfg_with("rollout.backend.type=vllm", "rollout.backend.max_num_seqs=8")
+    assert cfg.rollout.backend.type == "vllm" and cfg.rollout.backend.max_num_seqs == 8
+    assert cfg_with().rollout.backend.type == "embedded"
+    with pytest.raises(ConfigError, match="mem_fraction_static"):
+        cfg_with("rollout.backend={type: vllm, mem_fraction_static: 0.3}")  # SGLang's field, not vLLM's
+
+
+def test_sglang_needs_a_gpu_and_cannot_stream_yet():
+    with pytest.raises(ConfigError, match="sglang needs a GPU"):
+        cfg_with("rollout.backend=sglang")
+    gpu = ["resources.pools.default.gpus_per_worker=1", "resources.pools.rollout={gpus_per_worker: 1}"]
+    cfg_with("rollout.backend=sglang", *gpu)
+    with pytest.raises(ConfigError, match="sglang has no continuous batching yet"):
+        cfg_with("rollout.backend=sglang", *gpu, "rollout.pool=rollout", "trainer.mode=streaming")

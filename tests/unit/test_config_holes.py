@@ -118,6 +118,7 @@ OVERRIDE_CASES = [
     ("rollout.backend={type: vllm, tensor_parallel_size: 2}", "tensor_parallel_size=2: tensor parallelism"),
     ("rollout.backend={type: vllm, tp_size: 2}", "tp_size"),
     ("rollout.backend=trt", "'trt'"),
+
 ]
 
 

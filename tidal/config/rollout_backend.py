@@ -86,8 +86,16 @@ def tensor_parallel_size(backend: EmbeddedBackend | VLLMBackend | SGLangBackend)
     return "rollout.backend", 1
 
 
-def device_problems(backend: EmbeddedBackend | VLLMBackend | SGLangBackend, on_gpu: bool) -> list[str]:
-    """What a backend cannot do on the job's device (on_gpu: the rollout pool has GPUs)."""
+def backend_problems(
+    backend: EmbeddedBackend | VLLMBackend | SGLangBackend, *, on_gpu: bool, streaming: bool
+) -> list[str]:
+    """What a backend cannot do on the job's device (on_gpu: the rollout pool has GPUs) or in its mode."""
+    if streaming and not ROLLOUT_ENGINES.meta(backend.type).continuous:
+        return [
+            f"rollout.backend.type={backend.type} has no continuous batching yet, which trainer.mode=streaming "
+            f"needs; use trainer.mode=sync with it, or a backend that streams: "
+            f"{list(ROLLOUT_ENGINES.names(continuous=True))}"
+        ]
     if ROLLOUT_ENGINES.meta(backend.type).needs_gpu and not on_gpu:
         cpu_ok = ROLLOUT_ENGINES.names(needs_gpu=False)
         return [

@@ -19,7 +19,7 @@ from tidal.config.algorithm import (  # noqa: F401  (AlgorithmConfig, KLControlC
     option_read_by_others,
 )
 from tidal.config.base import StrictModel
-from tidal.config.rollout_backend import EmbeddedBackend, RolloutBackend, backend_from_name, device_problems
+from tidal.config.rollout_backend import EmbeddedBackend, RolloutBackend, backend_from_name, backend_problems
 from tidal.config.streaming import StreamingConfig, TrainerMode, check_mode
 from tidal.registry import POLICY_LOSSES, PREFERENCE_LOSSES
 
@@ -534,7 +534,9 @@ class JobConfig(StrictModel):
                     f"set algorithm.preference.type (dpo, simpo or redi) or remove data.{pair_keys[0]}"
                 )
         self._check_reference_responses()
-        problems = device_problems(self.rollout.backend, self.rollout_on_gpu)
+        problems = backend_problems(
+            self.rollout.backend, on_gpu=self.rollout_on_gpu, streaming=self.trainer.mode == "streaming"
+        )
         if problems:
             raise ValueError(problems[0])
         check_mode(self)  # sync colocates actor and rollout, streaming separates them

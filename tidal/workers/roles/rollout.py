@@ -93,6 +93,10 @@ class RolloutRole:
                 _rank_seed(seed, self.ctx.dp_rank),
                 num_samples=sampling.n,
             )
+        if self.cfg.trainer.mode == "sync":
+            # The trainer runs next: an engine that can free its memory meanwhile does (vLLM's sleep
+            # mode on GPU, rollout.backend.enable_sleep_mode); the next weight load or generate wakes it.
+            self.engine.sleep()
         # Every rank returns R = max_new_tokens columns, so shards of different ranks concatenate.
         width = sampling.max_new_tokens
         response_ids = _pad_right(out.response_ids, width, self.engine.pad_token_id)
