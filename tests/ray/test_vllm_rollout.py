@@ -1,6 +1,6 @@
 """Whole jobs with `rollout.backend: vllm` on the tiny model: sync GRPO with the rollout beside the
-actor (weights resharded in-process into vLLM), and streaming with the rollout on its own pool
-(weights across pools through the bridge, vLLM's continuous batching). The trainer and vLLM must
+actor (weights resharded in-process into vLLM) and on its own pool (weights across pools through the
+bridge), and streaming on its own pool (the bridge, vLLM's continuous batching). The trainer and vLLM must
 agree on the log-probs of the samples (same weights: fp32 numerics only)."""
 
 from __future__ import annotations
@@ -60,6 +60,15 @@ def test_sync_grpo_with_vllm_beside_the_actor(tmp_path, model_dir):
     rows = read_metrics(out / "metrics.jsonl")
     check_steps(rows, same_weights=True)
     assert all(row["perf/sync_weights_s"] > 0 for row in rows[1:])  # new weights into vLLM every step
+
+
+def test_sync_grpo_with_vllm_on_its_own_pool(tmp_path, model_dir):
+    out = tmp_path / "sync_two_pools"
+    train(load_config(None, overrides(model_dir, out, *TWO_POOLS)))
+    rows = read_metrics(out / "metrics.jsonl")
+    check_steps(rows, same_weights=True)
+    for row in rows[1:]:  # every byte crossed the bridge once
+        assert row["weight_sync/bytes"] == row["weight_sync/lower_bound_bytes"] > 0
 
 
 def test_streaming_with_vllm_on_its_own_pool(tmp_path, model_dir):

@@ -94,3 +94,13 @@ def test_sglang_needs_a_gpu_and_cannot_stream_yet():
     cfg_with("rollout.backend=sglang", *gpu)
     with pytest.raises(ConfigError, match="sglang has no continuous batching yet"):
         cfg_with("rollout.backend=sglang", *gpu, "rollout.pool=rollout", "trainer.mode=streaming")
+
+
+def test_the_default_rollout_engine_follows_the_device():
+    assert cfg_with().rollout.backend.type == "embedded"  # CPU: faster for small models (measured)
+    assert cfg_with("resources.pools.default.gpus_per_worker=1").rollout.backend.type == "vllm"
+    assert cfg_with("resources.pools.default.gpus_per_worker=1", "rollout.backend=embedded").rollout.backend.type == (
+        "embedded"
+    )
+    with pytest.raises(ConfigError, match="rollout.max_batch_size=8 sizes the embedded engine's batch"):
+        cfg_with("rollout.backend=vllm", "rollout.max_batch_size=8")

@@ -19,7 +19,13 @@ from tidal.config.algorithm import (  # noqa: F401  (AlgorithmConfig, KLControlC
     option_read_by_others,
 )
 from tidal.config.base import StrictModel
-from tidal.config.rollout_backend import EmbeddedBackend, RolloutBackend, backend_from_name, backend_problems
+from tidal.config.rollout_backend import (
+    EmbeddedBackend,
+    RolloutBackend,
+    VLLMBackend,
+    backend_from_name,
+    backend_problems,
+)
 from tidal.config.streaming import StreamingConfig, TrainerMode, check_mode
 from tidal.registry import POLICY_LOSSES, PREFERENCE_LOSSES
 
@@ -315,7 +321,8 @@ class RolloutConfig(StrictModel):
     backend: RolloutBackend = Field(
         EmbeddedBackend(),
         description="the generation engine and its own settings: embedded, vllm or sglang "
-        "(tidal/config/rollout_backend.py)",
+        "(tidal/config/rollout_backend.py). Unset: embedded on CPU (faster there for small models, "
+        "benchmarks/rollout_engines.py), vllm when the rollout pool has GPUs",
     )
     pool: str = "default"
     sampling: SamplingConfig = SamplingConfig(n=8)
@@ -534,6 +541,7 @@ class JobConfig(StrictModel):
                     f"set algorithm.preference.type (dpo, simpo or redi) or remove data.{pair_keys[0]}"
                 )
         self._check_reference_responses()
+        self._choose_rollout_backend()
         problems = backend_problems(
             self.rollout.backend, on_gpu=self.rollout_on_gpu, streaming=self.trainer.mode == "streaming"
         )
@@ -541,6 +549,19 @@ class JobConfig(StrictModel):
             raise ValueError(problems[0])
         check_mode(self)  # sync colocates actor and rollout, streaming separates them
         return self
+
+    def _choose_rollout_backend(self) -> None:
+        """The default engine per device, and the embedded engine's batch setting kept to it."""
+        rollout = self.rollout
+        if "backend" not in rollout.model_fields_set and self.rollout_on_gpu:
+            object.__setattr__(rollout, "backend", VLLMBackend())  # bypass validate_assignment
+        if "max_batch_size" in rollout.model_fields_set and rollout.backend.type != "embedded":
+            raise ValueError(
+                f"rollout.max_batch_size={rollout.max_batch_size} sizes the embedded engine's batch, but the "
+                f"rollout runs on {rollout.backend.type}; set its own limit instead (vllm: "
+                "rollout.backend.max_num_seqs, sglang: rollout.backend.max_running_requests) or "
+                "rollout.backend.type=embedded"
+            )
 
     def _check_reference_responses(self) -> None:
         """PAR's data baseline and data.reference_response_key go together, and need data files."""

@@ -72,14 +72,10 @@ class StreamingConfig(StrictModel):
 
 
 def check_mode(cfg: JobConfig) -> None:
-    """Sync mode colocates actor and rollout; streaming runs them on separate pools."""
+    """Sync mode runs actor and rollout on one pool (weights handed over in process) or on two
+    (weights through the bridge); streaming runs them on separate pools."""
     actor_pool, rollout_pool = cfg.actor.pool, cfg.rollout.pool
     if cfg.trainer.mode == "sync":
-        if rollout_pool != actor_pool:
-            raise ValueError(
-                f"rollout.pool={rollout_pool!r} differs from actor.pool={actor_pool!r}; sync mode "
-                "syncs weights in-process, so colocate them (same pool) or set trainer.mode=streaming"
-            )
         if "streaming" in cfg.trainer.model_fields_set:
             raise ValueError(
                 "trainer.streaming is set but trainer.mode=sync never reads it; "

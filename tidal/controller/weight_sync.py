@@ -5,6 +5,8 @@ One object per job, chosen when the job starts (`for_job`), called once per step
 
 - InProcessWeightSync: actor and rollout share a pool; every worker hands its actor shards to its
   own rollout engine through the resharder (`WorkerGroup.hand_over_weights`).
+- BridgeWeightSync: sync mode with the rollout on its own pool; weights cross pools through the
+  WeightBridge (the resharder over gloo on CPU, NCCL on GPU), the same path streaming uses.
 - the streaming runner's StreamingSource: actor and rollout on two pools; weights go through the
   WeightBridge (tidal/controller/weight_bridge.py) and the rollout resumes at once.
 - NoWeightSync: nothing generates (preference training without a generating evaluation).
@@ -15,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from tidal.config.schema import JobConfig
     from tidal.controller.cluster import Cluster
 
 
@@ -29,8 +32,20 @@ class InProcessWeightSync:
         self.cluster = cluster
 
     def push(self, version: int) -> dict[str, float]:
-        # (sync mode's config puts both roles on one pool: config/streaming.py check_mode)
         return self.cluster.group_of("actor").hand_over_weights("actor", "rollout", version)
+
+
+class BridgeWeightSync:
+    def __init__(self, cluster: Cluster, cfg: JobConfig):
+        from tidal.controller.weight_bridge import WeightBridge
+
+        self.bridge = WeightBridge(cluster.group_of("actor"), "actor", cluster.group_of("rollout"), "rollout", cfg)
+
+    def push(self, version: int) -> dict[str, float]:
+        return self.bridge.sync(version)
+
+    def close(self) -> None:
+        self.bridge.close()
 
 
 class NoWeightSync:
@@ -38,6 +53,12 @@ class NoWeightSync:
         return {}
 
 
-def for_job(cluster: Cluster) -> WeightSync:
+def for_job(cluster: Cluster, cfg: JobConfig) -> WeightSync:
     """The sync mode's weight sync (the streaming runner installs its own)."""
-    return InProcessWeightSync(cluster) if cluster.has("rollout") else NoWeightSync()
+    if not cluster.has("rollout"):
+        return NoWeightSync()
+    if cluster.group_of("actor") is cluster.group_of("rollout"):
+        return InProcessWeightSync(cluster)
+    if cfg.trainer.mode == "streaming":
+        return NoWeightSync()  # replaced by the streaming runner's StreamingSource before any push
+    return BridgeWeightSync(cluster, cfg)

@@ -137,6 +137,17 @@ def pack_responses(ids: list[list[int]], log_probs: list[list[float]], pad_id: i
     return out
 
 
+def hf_staging_tensors(hf_config: Any, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Empty Hugging Face-named full tensors of the model `hf_config` describes (tied weights once,
+    under their first name, as `named_parameters` lists them): where an engine that cannot be written
+    in place receives new weights before loading them its own way."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    return {name: torch.empty(p.shape, dtype=dtype, device=device) for name, p in skeleton.named_parameters()}
+
+
 def sample_seed(seed: int, *path: int) -> int:
     """A 63-bit seed for one sample, from the call's seed and the sample's place (row, sample ...):
     engines that seed each sample apart make a sample independent of its neighbours in the batch."""

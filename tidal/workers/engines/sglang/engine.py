@@ -28,6 +28,7 @@ from tidal.workers.engines.base import (
     ContinuousEngine,
     Generation,
     RolloutEngine,
+    hf_staging_tensors,
     pack_responses,
     sample_seed,
 )
@@ -149,14 +150,7 @@ class SGLangEngine(RolloutEngine):
 
     def _staging_tensors(self) -> dict[str, torch.Tensor]:
         if self._staging is None:
-            from transformers import AutoModelForCausalLM
-
-            with torch.device("meta"):
-                skeleton = AutoModelForCausalLM.from_config(self._hf_config)
-            self._staging = {
-                name: torch.empty(p.shape, dtype=self.dtype, device=self.device)
-                for name, p in skeleton.named_parameters()
-            }
+            self._staging = hf_staging_tensors(self._hf_config, self.dtype, self.device)
         return self._staging
 
     def _update(self, items: list[tuple[str, torch.Tensor]]) -> None:

@@ -35,7 +35,13 @@ import torch
 from tidal.config.rollout_backend import VLLMBackend
 from tidal.config.schema import JobConfig, SamplingConfig
 from tidal.dataflow.tokenizer import eos_token_ids, load_tokenizer, pad_token_id
-from tidal.workers.engines.base import Generation, RolloutEngine, pack_responses, sample_seed
+from tidal.workers.engines.base import (
+    Generation,
+    RolloutEngine,
+    hf_staging_tensors,
+    pack_responses,
+    sample_seed,
+)
 
 if TYPE_CHECKING:
     from tidal.workers.context import WorkerContext
@@ -207,18 +213,10 @@ class VLLMEngine(RolloutEngine):
         return len(checked)
 
     def _staging_tensors(self) -> dict[str, torch.Tensor]:
-        """Hugging Face-named full tensors the resharder writes into (tied weights once, under the
-        first name, as `named_parameters` lists them); allocated once, on the engine's device."""
+        """Where the resharder writes (the `hf` layout); allocated once, in vLLM's dtype."""
         if self._staging is None:
-            from transformers import AutoModelForCausalLM
-
-            with torch.device("meta"):
-                skeleton = AutoModelForCausalLM.from_config(self._hf_config)
             dtype = self.llm.llm_engine.model_config.dtype
-            self._staging = {
-                name: torch.empty(p.shape, dtype=dtype, device=self.device)
-                for name, p in skeleton.named_parameters()
-            }
+            self._staging = hf_staging_tensors(self._hf_config, dtype, self.device)
         return self._staging
 
     def _reload(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
