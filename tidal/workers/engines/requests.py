@@ -7,7 +7,8 @@ when its last sequence does, or when the straggler cap ends it (truncated or dro
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -112,3 +113,72 @@ def finish(group: GroupState, status: Status, version: int) -> GroupResult:
         truncated=[s.truncated for s in seqs],
         version_at_finish=version,
     )
+
+
+class RequestQueue:
+    """What every continuous engine keeps besides its batch: the queue, the requests running, the
+    checks a request must pass, and admission into free sequence slots. Single-threaded like the
+    engines built on it (only `check` may be called from another thread)."""
+
+    def __init__(self, slots: int, slots_name: str, version: int, clock: Callable[[], float]) -> None:
+        self.slots = slots  # sequences the engine runs at once
+        self.slots_name = slots_name  # the setting that sets `slots`, for messages
+        self.version = version  # stamped on the tokens sampled next
+        self.clock = clock
+        self.queue: deque[GroupState] = deque()
+        self._queued_ids: set[Hashable] = set()
+        self.running: dict[Hashable, GroupState] = {}  # admitted and unfinished, by request id
+        self.num_generated_tokens = 0
+
+    @property
+    def num_queued(self) -> int:
+        return len(self.queue)
+
+    def pending_ids(self) -> list[Hashable]:
+        """Request ids not finished: queued, then running."""
+        return [g.request.rid for g in self.queue] + list(self.running)
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError if `request` can never run here (reads no state: any thread may call it)."""
+        prompt = request.prompt_ids
+        if prompt.dim() != 1 or prompt.numel() == 0:
+            raise ValueError(
+                f"request {request.rid!r}: prompt_ids must be a non-empty 1-D tensor, got {tuple(prompt.shape)}"
+            )
+        if not 1 <= request.num_samples <= self.slots:
+            raise ValueError(
+                f"request {request.rid!r}: num_samples={request.num_samples} must be in "
+                f"[1, {self.slots_name}={self.slots}] (a group runs together)"
+            )
+
+    def submit(self, request: Request) -> GroupState:
+        self.check(request)
+        if request.rid in self.running or request.rid in self._queued_ids:
+            raise ValueError(f"request id {request.rid!r} is already queued or running")
+        group = GroupState(request)
+        self.queue.append(group)
+        self._queued_ids.add(request.rid)
+        return group
+
+    def take_admissible(self, free: int) -> list[GroupState]:
+        """Queued requests, in order, while their sequences fit in `free` slots; they start now."""
+        admitted: list[GroupState] = []
+        now = self.clock()
+        while self.queue and self.queue[0].request.num_samples <= free:
+            group = self.queue.popleft()
+            self._queued_ids.discard(group.request.rid)
+            free -= group.request.num_samples
+            group.started_at = now
+            group.seqs = [SequenceState(group) for _ in range(group.request.num_samples)]
+            self.running[group.request.rid] = group
+            admitted.append(group)
+        return admitted
+
+    def late(self, timeout_s: float) -> list[GroupState]:
+        """Running requests admitted more than `timeout_s` ago (the straggler cap)."""
+        now = self.clock()
+        return [g for g in self.running.values() if g.started_at is not None and now - g.started_at > timeout_s]
+
+    def _finish(self, group: GroupState, status: Status) -> GroupResult:
+        del self.running[group.request.rid]
+        return finish(group, status, self.version)

@@ -22,8 +22,7 @@ seed and weights, not on which other requests shared the batch.
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
 import torch
 
@@ -33,14 +32,13 @@ from tidal.workers.engines.requests import (
     GroupResult,
     GroupState,
     Request,
+    RequestQueue,
     SequenceState,
-    Status,
     StragglerPolicy,
-    finish,
 )
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(RequestQueue):
     """The scheduler: a queue of requests and the running batch of one EmbeddedEngine.
 
     Single-threaded: one thread calls `submit`, `step`, `expire` and `rebuild` (streaming.py puts
@@ -50,54 +48,22 @@ class ContinuousBatcher:
     def __init__(
         self, engine: EmbeddedEngine, version: int = 0, clock: Callable[[], float] = time.monotonic
     ) -> None:
+        super().__init__(engine.max_batch_size, "max_batch_size", version, clock)
         self.engine = engine
-        self.version = version
-        self.clock = clock
-        self.queue: deque[GroupState] = deque()
-        self._queued_ids: set[Hashable] = set()
-        self.running: dict[Hashable, GroupState] = {}  # admitted and unfinished, by request id
         self.rows: list[SequenceState] = []  # the sequences in the batch, in cache row order
         self.logits: torch.Tensor | None = None  # [B,V] the next token's logits of every row
         self.next_pos: torch.Tensor | None = None  # [B] position of every row's next token
-        self.num_generated_tokens = 0
-
-    # ------------------------------------------------------------------ state
-
-    @property
-    def num_queued(self) -> int:
-        return len(self.queue)
 
     @property
     def num_running(self) -> int:
         """Sequences in the batch."""
         return len(self.rows)
 
-    def pending_ids(self) -> list[Hashable]:
-        """Request ids not finished: queued, then running."""
-        return [g.request.rid for g in self.queue] + list(self.running)
-
-    def check(self, request: Request) -> None:
-        """Raise ValueError if `request` can never run here (reads no state: any thread may call it)."""
-        prompt = request.prompt_ids
-        if prompt.dim() != 1 or prompt.numel() == 0:
-            raise ValueError(
-                f"request {request.rid!r}: prompt_ids must be a non-empty 1-D tensor, got {tuple(prompt.shape)}"
-            )
-        if not 1 <= request.num_samples <= self.engine.max_batch_size:
-            raise ValueError(
-                f"request {request.rid!r}: num_samples={request.num_samples} must be in "
-                f"[1, max_batch_size={self.engine.max_batch_size}] (a group is decoded together)"
-            )
-
-    def submit(self, request: Request) -> None:
-        self.check(request)
-        if request.rid in self.running or request.rid in self._queued_ids:
-            raise ValueError(f"request id {request.rid!r} is already queued or running")
-        group = GroupState(request)
+    def submit(self, request: Request) -> GroupState:
+        group = super().submit(request)
         if request.seed is not None:
             group.rng = torch.Generator(device=self.engine.device).manual_seed(request.seed)
-        self.queue.append(group)
-        self._queued_ids.add(request.rid)
+        return group
 
     # ------------------------------------------------------------------ the decode step
 
@@ -137,10 +103,7 @@ class ContinuousBatcher:
         truncate: its sequences end with the tokens they have (marked truncated), status
         'truncated'; drop: status 'dropped' and no tokens.
         """
-        now = self.clock()
-        late = [
-            g for g in self.running.values() if g.started_at is not None and now - g.started_at > timeout_s
-        ]
+        late = self.late(timeout_s)
         if not late:
             return []
         results = []
@@ -174,13 +137,7 @@ class ContinuousBatcher:
     # ------------------------------------------------------------------ helpers
 
     def _admit(self) -> None:
-        free = self.engine.max_batch_size - len(self.rows)
-        admitted: list[GroupState] = []
-        while self.queue and self.queue[0].request.num_samples <= free:
-            group = self.queue.popleft()
-            self._queued_ids.discard(group.request.rid)
-            free -= group.request.num_samples
-            admitted.append(group)
+        admitted = self.take_admissible(self.engine.max_batch_size - len(self.rows))
         if not admitted:
             return
         device = self.engine.device
@@ -193,11 +150,7 @@ class ContinuousBatcher:
         if len(fan_out) != len(admitted):
             forward.keep(fan_out)
         states.append(forward.detach())
-        now = self.clock()
         for group in admitted:
-            group.started_at = now
-            group.seqs = [SequenceState(group) for _ in range(group.request.num_samples)]
-            self.running[group.request.rid] = group
             self.rows.extend(group.seqs)
         new_pos = mask.long().sum(-1)[fan_out]
         self.next_pos = new_pos if self.next_pos is None else torch.cat([self.next_pos, new_pos])
@@ -252,10 +205,6 @@ class ContinuousBatcher:
         self.rows = [self.rows[row] for row in keep]
         self.logits, self.next_pos = self.logits[idx], self.next_pos[idx]
         return None if tokens is None else tokens[idx]
-
-    def _finish(self, group: GroupState, status: Status) -> GroupResult:
-        del self.running[group.request.rid]
-        return finish(group, status, self.version)
 
     def _left_pad(self, sequences: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in sequences)

@@ -16,19 +16,15 @@ and it continues; tokens keep the version that sampled them. Admission is bounde
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tidal.workers.engines.base import sample_seed
 from tidal.workers.engines.requests import (
     GroupResult,
-    GroupState,
-    Request,
+    RequestQueue,
     SequenceState,
-    Status,
     StragglerPolicy,
-    finish,
 )
 from tidal.workers.engines.vllm.engine import token_log_probs
 
@@ -36,50 +32,19 @@ if TYPE_CHECKING:
     from tidal.workers.engines.vllm.engine import VLLMEngine
 
 
-class VLLMContinuous:
+class VLLMContinuous(RequestQueue):
     def __init__(
         self, engine: VLLMEngine, version: int = 0, clock: Callable[[], float] = time.monotonic
     ) -> None:
+        super().__init__(engine.max_num_seqs, "rollout.backend.max_num_seqs", version, clock)
         self.engine = engine
         self.core = engine.llm.llm_engine
-        self.version = version
-        self.clock = clock
-        self.queue: deque[GroupState] = deque()
-        self._queued_ids: set[Hashable] = set()
-        self.running: dict[Hashable, GroupState] = {}
         self._live: dict[str, SequenceState] = {}  # vLLM request id -> the sequence it samples
         self._serial = 0
-        self.num_generated_tokens = 0
-
-    @property
-    def num_queued(self) -> int:
-        return len(self.queue)
 
     @property
     def num_running(self) -> int:
         return len(self._live)
-
-    def pending_ids(self) -> list[Hashable]:
-        return [g.request.rid for g in self.queue] + list(self.running)
-
-    def check(self, request: Request) -> None:
-        prompt = request.prompt_ids
-        if prompt.dim() != 1 or prompt.numel() == 0:
-            raise ValueError(
-                f"request {request.rid!r}: prompt_ids must be a non-empty 1-D tensor, got {tuple(prompt.shape)}"
-            )
-        if not 1 <= request.num_samples <= self.engine.max_num_seqs:
-            raise ValueError(
-                f"request {request.rid!r}: num_samples={request.num_samples} must be in "
-                f"[1, rollout.backend.max_num_seqs={self.engine.max_num_seqs}] (a group runs together)"
-            )
-
-    def submit(self, request: Request) -> None:
-        self.check(request)
-        if request.rid in self.running or request.rid in self._queued_ids:
-            raise ValueError(f"request id {request.rid!r} is already queued or running")
-        self.queue.append(GroupState(request))
-        self._queued_ids.add(request.rid)
 
     def step(self, admit: bool = True) -> list[GroupResult]:
         if admit:
@@ -107,10 +72,8 @@ class VLLMContinuous:
         return results
 
     def expire(self, timeout_s: float, policy: StragglerPolicy) -> list[GroupResult]:
-        now = self.clock()
-        late = [g for g in self.running.values() if g.started_at is not None and now - g.started_at > timeout_s]
         results = []
-        for group in late:
+        for group in self.late(timeout_s):
             self._abort(group.seqs)
             if policy == "truncate":
                 for seq in group.seqs:
@@ -130,15 +93,7 @@ class VLLMContinuous:
     # ------------------------------------------------------------------ helpers
 
     def _admit(self) -> None:
-        free = self.engine.max_num_seqs - len(self._live)
-        now = self.clock()
-        while self.queue and self.queue[0].request.num_samples <= free:
-            group = self.queue.popleft()
-            self._queued_ids.discard(group.request.rid)
-            free -= group.request.num_samples
-            group.started_at = now
-            group.seqs = [SequenceState(group) for _ in range(group.request.num_samples)]
-            self.running[group.request.rid] = group
+        for group in self.take_admissible(self.engine.max_num_seqs - len(self._live)):
             for seq in group.seqs:
                 self._add(seq)
 
@@ -163,7 +118,3 @@ class VLLMContinuous:
             self.core.abort_request(ids)
         for vllm_id in ids:
             del self._live[vllm_id]
-
-    def _finish(self, group: GroupState, status: Status) -> GroupResult:
-        del self.running[group.request.rid]
-        return finish(group, status, self.version)

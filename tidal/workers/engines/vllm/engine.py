@@ -223,7 +223,9 @@ class VLLMEngine(RolloutEngine):
         items = list(named_tensors)
 
         def reload(worker: Any) -> None:  # runs inside vLLM's worker (this process)
-            worker.model_runner.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
+            runner = worker.model_runner
+            runner.reload_weights(weights_iterator=iter(items), is_checkpoint_format=True)
+            refresh_tied_head(runner.model)
 
         self.wake()
         self.llm.collective_rpc(reload)
@@ -240,6 +242,22 @@ class VLLMEngine(RolloutEngine):
         if self._asleep:
             self.llm.wake_up()
             self._asleep = False
+
+
+def refresh_tied_head(model: Any) -> None:
+    """Re-prepare an output head that shares the embedding's weight (tied embeddings).
+
+    vLLM's loaders skip `lm_head.weight` of a tied model and its layer-wise reload re-processes only
+    the layers that received weights, but on CPU the head computes with its own packed copy of the
+    (shared) weight, made when it was processed: without this, the logits kept the first weights
+    (found as a log-prob gap growing every step on SmolLM2-135M)."""
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None or embed is None or getattr(head, "weight", None) is not getattr(embed, "weight", None):
+        return
+    method = getattr(head, "quant_method", None)
+    if method is not None:
+        method.process_weights_after_loading(head)
 
 
 def token_log_probs(token_ids: Sequence[int], logprobs: Sequence[dict[int, Any]] | None) -> list[float]:
