@@ -64,16 +64,23 @@ class BridgeEnd:
         return self._metrics(stats, start)
 
     def receive(
-        self, write_weights: WriteWeights, version: int, rank: int, num_ranks: int
+        self,
+        write_weights: WriteWeights,
+        version: int,
+        rank: int,
+        num_ranks: int,
+        layout: ParallelLayout | None = None,
     ) -> dict[str, float]:
-        """Receive `version` into engine rank `rank` of `num_ranks` (each a full replica)."""
+        """Receive `version` into engine rank `rank` of `num_ranks`, in the engine's `layout` (default:
+        each rank a full replica, the `hf` layout)."""
+        layout = ParallelLayout.hf(dp=num_ranks) if layout is None else layout
         if self.is_source:
             raise RuntimeError(f"bridge rank {self.group.rank} is a trainer rank; it sends, not receives")
         start = time.perf_counter()
         self._agree_version(version)
 
         def write(params: Params) -> SyncStats:
-            target = WeightTarget(TensorSpec.of(params), ParallelLayout.hf(dp=num_ranks), rank, params)
+            target = WeightTarget(TensorSpec.of(params), layout, rank, params)
             return self.resharder.sync(None, target)
 
         stats = write_weights(write, version)

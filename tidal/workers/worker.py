@@ -186,7 +186,9 @@ class Worker:
         """Receive weights over bridge `name` into `dst_role`'s engine, which serves `version` next."""
         ctx = self._context()
         write_weights = self._write_weights(dst_role)
-        return self._bridge(name).receive(write_weights, version, ctx.dp_rank, ctx.dp_size)
+        weight_layout = getattr(self._role(dst_role), "weight_layout", None)  # None: a full replica per rank
+        layout = weight_layout() if callable(weight_layout) else None
+        return self._bridge(name).receive(write_weights, version, ctx.dp_rank, ctx.dp_size, layout)
 
     def bridge_close(self, name: str) -> None:
         """Leave bridge `name` (and stop serving its store); idempotent."""

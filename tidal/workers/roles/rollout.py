@@ -32,6 +32,7 @@ from tidal.config.streaming import StreamingConfig
 from tidal.dataflow.batch import Batch
 from tidal.registry import ROLLOUT_ENGINES
 from tidal.resharding.executor import SyncStats
+from tidal.resharding.layout import ParallelLayout
 from tidal.resharding.spec import TensorSpec
 from tidal.resharding.sync import Resharder, WeightSource, WeightTarget
 from tidal.workers.context import WorkerContext
@@ -282,11 +283,13 @@ class RolloutRole:
             timeout_s=settings.wait_timeout_s,
         )
 
+    def weight_layout(self) -> ParallelLayout:
+        """The layout the engine's weights take over this pool (what a resharder writes into)."""
+        return self.engine.weight_layout(self.ctx.dp_size)
+
     def _target(self, params: dict[str, torch.Tensor]) -> WeightTarget:
         """This rank's share of the engine's weight layout, as the resharder writes into it."""
-        return WeightTarget(
-            TensorSpec.of(params), self.engine.weight_layout(self.ctx.dp_size), self.ctx.dp_rank, params
-        )
+        return WeightTarget(TensorSpec.of(params), self.weight_layout(), self.ctx.dp_rank, params)
 
 
 def _pad_right(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
