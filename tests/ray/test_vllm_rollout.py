@@ -71,6 +71,20 @@ def test_sync_grpo_with_vllm_on_its_own_pool(tmp_path, model_dir):
         assert row["weight_sync/bytes"] == row["weight_sync/lower_bound_bytes"] > 0
 
 
+def test_sync_grpo_with_a_tensor_parallel_vllm_engine(tmp_path, model_dir):
+    """Two rollout workers run ONE vLLM engine (tensor parallel 2, gloo): both get the same prompts,
+    the first returns the samples, and the trainer still agrees with the rollout on every log-prob."""
+    out = tmp_path / "tp2"
+    tp2 = [
+        *TWO_POOLS,
+        "resources.pools.rollout.num_workers=2",
+        "rollout.backend={type: vllm, tensor_parallel_size: 2, max_num_seqs: 32, kv_cache_gb: 0.25}",
+    ]
+    train(load_config(None, overrides(model_dir, out, *tp2)))
+    rows = read_metrics(out / "metrics.jsonl")
+    check_steps(rows, same_weights=True)  # (the driver refuses two collect ranks of one replica)
+
+
 def test_streaming_with_vllm_on_its_own_pool(tmp_path, model_dir):
     out = tmp_path / "streaming"
     train(

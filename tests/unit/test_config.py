@@ -104,3 +104,15 @@ def test_the_default_rollout_engine_follows_the_device():
     )
     with pytest.raises(ConfigError, match="rollout.max_batch_size=8 sizes the embedded engine's batch"):
         cfg_with("rollout.backend=vllm", "rollout.max_batch_size=8")
+
+
+def test_a_tensor_parallel_rollout_needs_a_pool_of_its_own_in_sync_mode():
+    tp2 = "rollout.backend={type: vllm, tensor_parallel_size: 2}"
+    with pytest.raises(ConfigError, match="tensor_parallel_size=2 spans the workers of rollout.pool='default'"):
+        cfg_with(tp2)
+    own = ["resources.pools={default: {}, rollout: {num_workers: 2}}", "rollout.pool=rollout"]
+    assert cfg_with(tp2, *own).rollout.backend.tensor_parallel_size == 2
+    with pytest.raises(ConfigError, match="num_workers=3: one tensor-parallel engine per pool"):
+        cfg_with(tp2, "resources.pools={default: {}, rollout: {num_workers: 3}}", "rollout.pool=rollout")
+    with pytest.raises(ConfigError, match="trainer.mode=streaming is not built yet"):
+        cfg_with(tp2, *own, "trainer.mode=streaming")

@@ -115,7 +115,7 @@ OVERRIDE_CASES = [
     ("model.build.sft_steps=5", ""),  # valid: the quickstart's task trains the warm-up
     ("rollout.backend=vllm", ""),  # valid: the quickstart's heads are 64 wide
     ("rollout.backend=sglang", "rollout.backend.type=sglang needs a GPU"),
-    ("rollout.backend={type: vllm, tensor_parallel_size: 2}", "tensor_parallel_size=2: tensor parallelism"),
+    ("rollout.backend={type: vllm, tensor_parallel_size: 2}", "tensor_parallel_size=2 spans the workers"),
     ("rollout.backend={type: vllm, tp_size: 2}", "tp_size"),
     ("rollout.backend=trt", "'trt'"),
 

@@ -103,11 +103,32 @@ def backend_problems(
             f"gpus_per_worker=0 or resources.device=cpu; give the rollout pool GPUs (resources.pools.<pool>."
             f"gpus_per_worker=1) or pick a backend that runs on CPU: {list(cpu_ok)}"
         ]
-    field, tp = tensor_parallel_size(backend)
-    if tp > 1 and not on_gpu:
+    return []
+
+
+def tensor_parallel_problems(cfg: Any) -> list[str]:
+    """A tensor-parallel rollout engine spans the workers of a pool of its own: one engine per pool,
+    sync mode (streaming with it is not built)."""
+    field, tp = tensor_parallel_size(cfg.rollout.backend)
+    if tp == 1:
+        return []
+    pool = cfg.rollout.pool
+    others = [role for role in ("actor", "critic", "reference") if getattr(cfg, role).pool == pool]
+    if others:
         return [
-            f"{field}={tp}: tensor parallelism inside a rollout engine runs on GPUs only here; set it to 1 "
-            "on CPU (scale CPU rollout with more rollout workers instead)"
+            f"{field}={tp} spans the workers of rollout.pool={pool!r}, which also runs {others[0]}; give the "
+            f"rollout a pool of its own (resources.pools.rollout with num_workers={tp}, rollout.pool=rollout)"
+        ]
+    workers = cfg.resources.pools[pool].num_workers
+    if workers != tp:
+        return [
+            f"{field}={tp} but resources.pools.{pool}.num_workers={workers}: one tensor-parallel engine per "
+            f"pool for now; set num_workers={tp}"
+        ]
+    if cfg.trainer.mode == "streaming":
+        return [
+            f"{field}={tp} with trainer.mode=streaming is not built yet (a tensor-parallel engine's ranks would "
+            "each store the same samples); use trainer.mode=sync or tensor parallelism 1"
         ]
     return []
 

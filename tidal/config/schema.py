@@ -25,6 +25,7 @@ from tidal.config.rollout_backend import (
     VLLMBackend,
     backend_from_name,
     backend_problems,
+    tensor_parallel_problems,
 )
 from tidal.config.streaming import StreamingConfig, TrainerMode, check_mode
 from tidal.registry import POLICY_LOSSES, PREFERENCE_LOSSES
@@ -544,7 +545,7 @@ class JobConfig(StrictModel):
         self._choose_rollout_backend()
         problems = backend_problems(
             self.rollout.backend, on_gpu=self.rollout_on_gpu, streaming=self.trainer.mode == "streaming"
-        )
+        ) + tensor_parallel_problems(self)
         if problems:
             raise ValueError(problems[0])
         check_mode(self)  # sync colocates actor and rollout, streaming separates them

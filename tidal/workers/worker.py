@@ -86,13 +86,15 @@ class Worker:
             master_addr, master_port, self.world_size, is_master=False, timeout=RENDEZVOUS_TIMEOUT
         )
         dist.init_process_group(pg_backend, store=store, rank=self.rank, world_size=self.world_size)
+        tp = model_parallel_size(cfg, set(roles))
         self.ctx = WorkerContext(
             rank=self.rank,
             world_size=self.world_size,
-            dp_rank=self.rank,
-            dp_size=self.world_size,
+            dp_rank=self.rank // tp,
+            dp_size=self.world_size // tp,
             device=device,
             backend=backend,
+            tp_size=tp,
         )
         for name, role_cls in roles.items():
             self._roles[name] = role_cls(cfg, self.ctx)
@@ -188,7 +190,8 @@ class Worker:
         write_weights = self._write_weights(dst_role)
         weight_layout = getattr(self._role(dst_role), "weight_layout", None)  # None: a full replica per rank
         layout = weight_layout() if callable(weight_layout) else None
-        return self._bridge(name).receive(write_weights, version, ctx.dp_rank, ctx.dp_size, layout)
+        # every rank of the engine's pool receives its own share of the engine's layout
+        return self._bridge(name).receive(write_weights, version, ctx.rank, ctx.world_size, layout)
 
     def bridge_close(self, name: str) -> None:
         """Leave bridge `name` (and stop serving its store); idempotent."""
@@ -251,3 +254,13 @@ class Worker:
                 else:
                     values[i] = value.fetch()
         return tuple(values[: len(args)]), dict(zip(kwargs, values[len(args) :]))
+
+
+def model_parallel_size(cfg: Any, roles: set[str]) -> int:
+    """Ranks per model replica in a pool running `roles`: a tensor-parallel rollout engine on a pool of
+    its own (the config allows tensor parallelism nowhere else), 1 otherwise."""
+    if roles != {"rollout"} or not hasattr(cfg, "rollout"):
+        return 1
+    from tidal.config.rollout_backend import tensor_parallel_size
+
+    return tensor_parallel_size(cfg.rollout.backend)[1]

@@ -284,12 +284,13 @@ class RolloutRole:
         )
 
     def weight_layout(self) -> ParallelLayout:
-        """The layout the engine's weights take over this pool (what a resharder writes into)."""
-        return self.engine.weight_layout(self.ctx.dp_size)
+        """The layout the engine's weights take over this pool's ranks (what a resharder writes into);
+        each rank receives its own share (with a tensor-parallel engine too: its loaders split)."""
+        return self.engine.weight_layout(self.ctx.world_size)
 
     def _target(self, params: dict[str, torch.Tensor]) -> WeightTarget:
         """This rank's share of the engine's weight layout, as the resharder writes into it."""
-        return WeightTarget(TensorSpec.of(params), self.weight_layout(), self.ctx.dp_rank, params)
+        return WeightTarget(TensorSpec.of(params), self.weight_layout(), self.ctx.rank, params)
 
 
 def _pad_right(x: torch.Tensor, width: int, value: float) -> torch.Tensor:

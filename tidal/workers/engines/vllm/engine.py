@@ -87,6 +87,9 @@ class VLLMEngine(RolloutEngine):
                 seed=0,
                 enforce_eager=backend.enforce_eager,
                 tensor_parallel_size=backend.tensor_parallel_size,
+                # tensor parallel: the engine's ranks are the rollout pool's workers, whose
+                # torch.distributed world is already up (RANK, MASTER_ADDR ... set by the Worker)
+                distributed_executor_backend="external_launcher" if backend.tensor_parallel_size > 1 else None,
                 gpu_memory_utilization=backend.gpu_memory_utilization,
                 max_num_seqs=backend.max_num_seqs,
                 max_model_len=max_model_len,
