@@ -117,8 +117,7 @@ def weight_sync(engine: VLLMEngine, model_dir: Path, repeats: int) -> dict[str, 
         for name, tensor in params.items():
             tensor.copy_(source[name])
 
-    staging = engine._staging_tensors()
-    buffers = {name: torch.empty_like(t) for name, t in staging.items()}
+    buffers = {name: torch.empty(shape) for name, shape in engine.parameter_shapes.items()}
     sync, memcpy = [], []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -128,7 +127,7 @@ def weight_sync(engine: VLLMEngine, model_dir: Path, repeats: int) -> dict[str, 
         for name, buffer in buffers.items():
             buffer.copy_(source[name])
         memcpy.append(time.perf_counter() - start)
-    nbytes = sum(t.numel() * t.element_size() for t in staging.values())
+    nbytes = sum(t.numel() * t.element_size() for t in buffers.values())
     out = {
         "weight_sync_s": round(statistics.median(sync), 4),
         "memcpy_s": round(statistics.median(memcpy), 4),

@@ -116,3 +116,44 @@ def test_a_tensor_parallel_rollout_needs_a_pool_of_its_own_in_sync_mode():
         cfg_with(tp2, "resources.pools={default: {}, rollout: {num_workers: 3}}", "rollout.pool=rollout")
     with pytest.raises(ConfigError, match="trainer.mode=streaming is not built yet"):
         cfg_with(tp2, *own, "trainer.mode=streaming")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["rollout.backend=vllm", "rollout.sampling={n: 8, top_p: 0.9}"], "top_p=0.9 with rollout.backend.type=vllm"),
+        (["rollout.backend={type: vllm, max_num_seqs: 4}", "rollout.sampling.n=8"], "raise max_num_seqs"),
+        (["rollout.backend={type: vllm, max_model_len: 64}"], "max_model_len=64 is shorter than"),
+        (["rollout.backend={type: vllm, gpu_memory_utilization: 0.8}"], "gpu_memory_utilization=0.8 does nothing"),
+        (["rollout.backend={type: vllm, enable_sleep_mode: true}"], "enable_sleep_mode=True does nothing"),
+        (
+            ["resources.pools.default.gpus_per_worker=1", "rollout.backend={type: vllm, kv_cache_gb: 2}"],
+            "kv_cache_gb=2.0 does nothing for vllm on GPU",
+        ),
+        (
+            ["resources.pools.default.gpus_per_worker=1", "rollout.backend={type: sglang, tp_size: 2}"],
+            "tp_size=2: SGLang's tensor parallelism",
+        ),
+    ],
+)
+def test_settings_a_rollout_engine_would_ignore_or_get_wrong_are_refused(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        cfg_with(*overrides)
+    assert needle in str(err.value)
+
+
+def test_the_embedded_batch_setting_keeps_the_embedded_engine_on_gpu():
+    cfg = cfg_with("resources.pools.default.gpus_per_worker=1", "rollout.max_batch_size=64")
+    assert cfg.rollout.backend.type == "embedded"
+
+
+def test_model_shapes_a_tensor_parallel_split_cannot_take():
+    from tidal.config.rollout_backend import VLLMBackend, model_problems
+
+    def problems(tp: int, heads: int, kv: int) -> list[str]:
+        return model_problems(VLLMBackend(tensor_parallel_size=tp), num_heads=heads, num_kv_heads=kv, head_dim=64, on_gpu=True)
+
+    assert problems(2, 8, 2) == [] and problems(4, 8, 2) == [] and problems(8, 8, 2) == []
+    assert "does not divide the model's 6 attention heads" in problems(4, 6, 6)[0]
+    assert "KV heads cannot be split" in problems(4, 12, 6)[0]  # 6 KV heads over 4 ranks
+    assert "KV heads cannot be split" in problems(6, 12, 4)[0]  # 6 ranks over 4 KV heads

@@ -250,3 +250,25 @@ def test_the_straggler_cap_truncates_or_drops(role: RolloutRole) -> None:
     (dropped,) = batcher.expire(50.0, "drop")
     assert dropped.status == "dropped" and dropped.response_ids == []
     assert batcher.step() == [] and batcher.num_running == 0
+
+
+def test_a_one_shot_generate_while_a_stream_is_in_flight(role: RolloutRole, embedded: EmbeddedEngine) -> None:
+    """Held-out evaluation runs while the streaming generator is parked mid-sequence: it must get its
+    own samples only, and the stream must then finish exactly as if nothing had happened (greedy)."""
+    long = SamplingConfig(temperature=0.0, max_new_tokens=12)
+    batch = prompts(role.engine.tokenizer, TEXTS)
+    rows = [batch["prompt_ids"][i][batch["prompt_mask"][i].bool()] for i in range(4)]
+    batcher = role.engine.continuous(version=0)
+
+    def evaluate_at_three(step: int) -> None:
+        if step == 3:
+            got = role.engine.generate(batch["prompt_ids"][2:], batch["prompt_mask"][2:], GREEDY, [EOS])
+            want = embedded.generate(batch["prompt_ids"][2:], batch["prompt_mask"][2:], GREEDY, [EOS])
+            assert torch.equal(got.response_ids, want.response_ids)
+
+    results = _run(batcher, [Request(i, rows[i], 1, long, []) for i in range(2)], on_step=evaluate_at_three)
+    want = embedded.generate(batch["prompt_ids"][:2], batch["prompt_mask"][:2], long, [])
+    for i in range(2):
+        assert results[i].response_ids[0] == want.response_ids[i].tolist()
+    batcher.close()
+    assert batcher not in role.engine.streams

@@ -323,7 +323,8 @@ class RolloutConfig(StrictModel):
         EmbeddedBackend(),
         description="the generation engine and its own settings: embedded, vllm or sglang "
         "(tidal/config/rollout_backend.py). Unset: embedded on CPU (faster there for small models, "
-        "benchmarks/rollout_engines.py), vllm when the rollout pool has GPUs",
+        "benchmarks/rollout_engines.py), vllm when the rollout pool has GPUs (unless rollout.max_batch_size, "
+        "the embedded engine's setting, is set)",
     )
     pool: str = "default"
     sampling: SamplingConfig = SamplingConfig(n=8)
@@ -543,18 +544,18 @@ class JobConfig(StrictModel):
                 )
         self._check_reference_responses()
         self._choose_rollout_backend()
-        problems = backend_problems(
-            self.rollout.backend, on_gpu=self.rollout_on_gpu, streaming=self.trainer.mode == "streaming"
-        ) + tensor_parallel_problems(self)
+        problems = backend_problems(self) + tensor_parallel_problems(self)
         if problems:
             raise ValueError(problems[0])
-        check_mode(self)  # sync colocates actor and rollout, streaming separates them
+        check_mode(self)  # streaming runs rollout and training on separate pools
         return self
 
     def _choose_rollout_backend(self) -> None:
         """The default engine per device, and the embedded engine's batch setting kept to it."""
         rollout = self.rollout
-        if "backend" not in rollout.model_fields_set and self.rollout_on_gpu:
+        chosen = rollout.model_fields_set
+        # rollout.max_batch_size is the embedded engine's setting: setting it chooses that engine
+        if "backend" not in chosen and "max_batch_size" not in chosen and self.rollout_on_gpu:
             object.__setattr__(rollout, "backend", VLLMBackend())  # bypass validate_assignment
         if "max_batch_size" in rollout.model_fields_set and rollout.backend.type != "embedded":
             raise ValueError(

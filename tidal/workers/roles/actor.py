@@ -111,7 +111,7 @@ class ActorRole:
             temperature=self.temperature,
             with_entropy=True,
         )
-        if "rollout_log_probs" in batch:  # every rank joins the reduction, with or without data
+        if "rollout_log_probs" in batch and on_policy:  # every rank joins, with or without data
             (metrics["rollout_logprob_gap_max"],) = self.engine.all_reduce(
                 [self._rollout_gap or 0.0], op=torch.distributed.ReduceOp.MAX
             )
@@ -154,9 +154,11 @@ class ActorRole:
         kl_coef: float,
     ) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
         log_probs, entropy = outputs
-        if "rollout_log_probs" in micro:
-            # Largest per-token |trainer - rollout| log-prob: with one optimizer step per sample both
-            # come from the same weights, so this is the engines' numerical disagreement.
+        if "rollout_log_probs" in micro and on_policy:
+            # Largest per-token |trainer - rollout| log-prob, measured only where every sample gets one
+            # optimizer step (all micro-batches run before it): in sync mode both sides then hold the
+            # same weights, so this is the engines' numerical disagreement (in streaming mode it also
+            # holds the policy lag of stale samples).
             mask = micro["response_mask"].bool()
             gap = float((log_probs.detach() - micro["rollout_log_probs"]).abs()[mask].max()) if mask.any() else 0.0
             self._rollout_gap = max(self._rollout_gap or 0.0, gap)

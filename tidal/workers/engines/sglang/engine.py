@@ -28,6 +28,7 @@ from tidal.workers.engines.base import (
     ContinuousEngine,
     Generation,
     RolloutEngine,
+    hf_parameter_shapes,
     hf_staging_tensors,
     pack_responses,
     sample_seed,
@@ -71,7 +72,10 @@ class SGLangEngine(RolloutEngine):
             max_running_requests=backend.max_running_requests,
             context_length=context_length,
             trust_remote_code=trust_remote_code,
-            enable_memory_saver=True,  # release/resume_memory_occupation
+            # release / resume_memory_occupation; weights backed up on the CPU so that a resume restores
+            # them (a generation may follow without a weight load in between: held-out evaluation)
+            enable_memory_saver=backend.enable_sleep_mode,
+            enable_weights_cpu_backup=backend.enable_sleep_mode,
             random_seed=0,
         )
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code)
@@ -81,8 +85,8 @@ class SGLangEngine(RolloutEngine):
             generation_config = None
         self.eos_token_ids = eos_token_ids(self.tokenizer, generation_config)
         self.pad_token_id = pad_token_id(self.tokenizer, self.eos_token_ids)
-        self._hf_config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
-        self._staging: dict[str, torch.Tensor] | None = None
+        hf_config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
+        self.parameter_shapes = hf_parameter_shapes(hf_config)
         self._asleep = False
 
     @classmethod
@@ -138,7 +142,7 @@ class SGLangEngine(RolloutEngine):
         )
 
     def write_weights(self, write: Callable[[dict[str, torch.Tensor]], T]) -> T:
-        staging = self._staging_tensors()
+        staging = hf_staging_tensors(self.parameter_shapes, self.dtype, self.device)  # freed after the sync
         result = write(staging)
         self._update(list(staging.items()))
         return result
@@ -148,17 +152,12 @@ class SGLangEngine(RolloutEngine):
         self._update(items)
         return len(items)
 
-    def _staging_tensors(self) -> dict[str, torch.Tensor]:
-        if self._staging is None:
-            self._staging = hf_staging_tensors(self._hf_config, self.dtype, self.device)
-        return self._staging
-
     def _update(self, items: list[tuple[str, torch.Tensor]]) -> None:
         self.wake()
         self.llm.update_weights_from_tensor(named_tensors=items, flush_cache=True)
 
     def sleep(self) -> None:
-        if not self._asleep:
+        if self.backend.enable_sleep_mode and not self._asleep:
             self.llm.release_memory_occupation()
             self._asleep = True
 

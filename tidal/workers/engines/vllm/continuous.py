@@ -6,11 +6,13 @@ group each vLLM request belongs to, the tokens, log-probs and weights version of
 and when a group is complete. Each sample of a group is its own vLLM request (its own seed; prefix
 caching shares the prompt), streamed back token by token (RequestOutputKind.DELTA).
 
-Abort / resume across a weight update (`rebuild`, called after new weights are loaded): every
-in-flight sequence is aborted in vLLM and added again with prompt + the tokens it already has as
-its prompt and the rest of its budget as max_tokens, so vLLM re-prefills it under the new weights
-and it continues; tokens keep the version that sampled them. Admission is bounded by
-`max_num_seqs` sequences, so vLLM's own queue never holds work Tidal cannot account for.
+Abort / resume: `suspend` takes every in-flight sequence out of vLLM (aborted there, kept here
+with its tokens); the next `step` adds each back with prompt + the tokens it already has as its
+prompt and the rest of its budget as max_tokens, so vLLM re-prefills it and it continues. The engine
+suspends its streams itself before new weights are loaded (so the prefix cache can be emptied: no
+request holds old-weight blocks) and before a one-shot `generate` shares its scheduler; `rebuild`
+(after a weight update) is a suspend. Tokens keep the version that sampled them. Admission is
+bounded by `max_num_seqs` sequences, so vLLM's own queue never holds work Tidal cannot account for.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING
 from tidal.workers.engines.base import sample_seed
 from tidal.workers.engines.requests import (
     GroupResult,
+    Request,
     RequestQueue,
     SequenceState,
     StragglerPolicy,
@@ -39,16 +42,32 @@ class VLLMContinuous(RequestQueue):
         super().__init__(engine.max_num_seqs, "rollout.backend.max_num_seqs", version, clock)
         self.engine = engine
         self.core = engine.llm.llm_engine
-        self._live: dict[str, SequenceState] = {}  # vLLM request id -> the sequence it samples
+        self._open: list[SequenceState] = []  # admitted and unfinished, in admission order
+        self._live: dict[str, SequenceState] = {}  # vLLM request id -> the sequence it samples now
         self._serial = 0
+        engine.streams.add(self)
 
     @property
     def num_running(self) -> int:
-        return len(self._live)
+        return len(self._open)
+
+    def check(self, request: Request) -> None:
+        super().check(request)
+        need = len(request.prompt_ids) + request.sampling.max_new_tokens
+        if need > self.engine.max_model_len:
+            raise ValueError(
+                f"request {request.rid!r}: {len(request.prompt_ids)} prompt tokens + max_new_tokens="
+                f"{request.sampling.max_new_tokens} exceed the engine's max_model_len={self.engine.max_model_len}; "
+                "shorten the prompt or raise rollout.backend.max_model_len"
+            )
 
     def step(self, admit: bool = True) -> list[GroupResult]:
         if admit:
             self._admit()
+        live = set(map(id, self._live.values()))
+        for seq in self._open:
+            if id(seq) not in live:  # suspended: continue it from its tokens
+                self._add(seq)
         if not self._live:
             return []
         results = []
@@ -64,6 +83,7 @@ class VLLMContinuous(RequestQueue):
             self.num_generated_tokens += len(new)
             if output.finished:
                 del self._live[output.request_id]
+                self._open.remove(seq)
                 seq.done = True
                 group = seq.group
                 group.num_open -= 1
@@ -75,6 +95,7 @@ class VLLMContinuous(RequestQueue):
         results = []
         for group in self.late(timeout_s):
             self._abort(group.seqs)
+            self._open = [seq for seq in self._open if seq.group is not group]
             if policy == "truncate":
                 for seq in group.seqs:
                     seq.truncated = not seq.done
@@ -84,16 +105,24 @@ class VLLMContinuous(RequestQueue):
         return results
 
     def rebuild(self) -> None:
-        """Abort every in-flight sequence and add it again (prompt + its tokens) under the new weights."""
-        in_flight = list(self._live.values())
-        self._abort(in_flight)
-        for seq in in_flight:
-            self._add(seq)
+        """Continue every in-flight sequence under the weights just loaded: out of vLLM now, back in
+        (prompt + its tokens) at the next step."""
+        self.suspend()
+
+    def suspend(self) -> None:
+        """Take every in-flight sequence out of vLLM; it stays open here and resumes at the next step."""
+        self._abort(list(self._live.values()))
+
+    def close(self) -> None:
+        """Abort what this stream still has in vLLM and stop answering for it (the engine forgets it)."""
+        self.suspend()
+        self.engine.streams.discard(self)
 
     # ------------------------------------------------------------------ helpers
 
     def _admit(self) -> None:
-        for group in self.take_admissible(self.engine.max_num_seqs - len(self._live)):
+        for group in self.take_admissible(self.engine.max_num_seqs - len(self._open)):
+            self._open.extend(group.seqs)
             for seq in group.seqs:
                 self._add(seq)
 

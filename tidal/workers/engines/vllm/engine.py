@@ -27,6 +27,7 @@ What Tidal relies on, and why:
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -38,6 +39,7 @@ from tidal.dataflow.tokenizer import eos_token_ids, load_tokenizer, pad_token_id
 from tidal.workers.engines.base import (
     Generation,
     RolloutEngine,
+    hf_parameter_shapes,
     hf_staging_tensors,
     pack_responses,
     sample_seed,
@@ -110,8 +112,13 @@ class VLLMEngine(RolloutEngine):
         self.eos_token_ids = eos_token_ids(self.tokenizer, generation_config)
         self.pad_token_id = pad_token_id(self.tokenizer, self.eos_token_ids)
         self.max_num_seqs = backend.max_num_seqs
-        self._hf_config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
-        self._staging: dict[str, torch.Tensor] | None = None
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        hf_config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
+        self.parameter_shapes = hf_parameter_shapes(hf_config)
+        self._model_type = hf_config.model_type
+        # Continuous schedulers sharing this engine's vLLM scheduler (streaming mode): taken out of
+        # vLLM before a one-shot generate or a weight load, resumed at their next step.
+        self.streams: weakref.WeakSet[VLLMContinuous] = weakref.WeakSet()
         self._asleep = False
 
     @classmethod
@@ -167,6 +174,7 @@ class VLLMEngine(RolloutEngine):
                 f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} must both be [N,P]"
             )
         self.wake()
+        self._suspend_streams()  # LLM.generate runs vLLM until every request in it is done
         prompts, params = [], []
         for row in range(prompt_ids.shape[0]):
             tokens = prompt_ids[row][prompt_mask[row].bool()].tolist()
@@ -192,19 +200,22 @@ class VLLMEngine(RolloutEngine):
     # ------------------------------------------------------------------ weights
 
     def write_weights(self, write: Callable[[dict[str, torch.Tensor]], T]) -> T:
-        staging = self._staging_tensors()
+        # Staging is allocated per sync and freed after: a second full copy of the model must not
+        # stay on the device between syncs.
+        dtype = self.llm.llm_engine.model_config.dtype
+        staging = hf_staging_tensors(self.parameter_shapes, dtype, self.device)
         result = write(staging)
         self._reload(staging.items())
         return result
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        shapes = {name: tuple(t.shape) for name, t in self._staging_tensors().items()}
+        shapes = {name: tuple(shape) for name, shape in self.parameter_shapes.items()}
         checked = []
         for name, tensor in named_tensors:
             if name not in shapes and name != "lm_head.weight":  # tied heads: vLLM skips lm_head
                 raise ValueError(
                     f"weight {name!r} is not a parameter of the rollout model "
-                    f"({self._hf_config.model_type}); send Hugging Face names such as {next(iter(shapes))!r}"
+                    f"({self._model_type}); send Hugging Face names such as {next(iter(shapes))!r}"
                 )
             if name in shapes and shapes[name] != tuple(tensor.shape):
                 raise ValueError(
@@ -215,13 +226,6 @@ class VLLMEngine(RolloutEngine):
         self._reload(checked)
         return len(checked)
 
-    def _staging_tensors(self) -> dict[str, torch.Tensor]:
-        """Where the resharder writes (the `hf` layout); allocated once, in vLLM's dtype."""
-        if self._staging is None:
-            dtype = self.llm.llm_engine.model_config.dtype
-            self._staging = hf_staging_tensors(self._hf_config, dtype, self.device)
-        return self._staging
-
     def _reload(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         items = list(named_tensors)
 
@@ -231,8 +235,21 @@ class VLLMEngine(RolloutEngine):
             refresh_tied_head(runner.model)
 
         self.wake()
+        self._suspend_streams()  # no request may keep KV blocks computed by the old weights
         self.llm.collective_rpc(reload)
-        self.llm.reset_prefix_cache()  # cached prompt KV came from the old weights
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError(
+                "vLLM refused to empty its prefix cache after a weight load (a request still holds cached "
+                "blocks): prompts would reuse KV computed by the old weights"
+            )
+
+    def _suspend_streams(self) -> None:
+        for stream in list(self.streams):
+            stream.suspend()
+
+    def close(self) -> None:
+        for stream in list(self.streams):
+            stream.close()
 
     # ------------------------------------------------------------------ memory
 
