@@ -154,6 +154,26 @@ def hf_staging_tensors(shapes: dict[str, torch.Size], dtype: torch.dtype, device
     return {name: torch.empty(shape, dtype=dtype, device=device) for name, shape in shapes.items()}
 
 
+def one_request_per_sample(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int, seed: int | None
+) -> list[tuple[list[int], int | None]]:
+    """(prompt tokens, seed) of every sample of left-padded prompts [N,P], prompt by prompt, for
+    engines that run each sample as its own seeded request."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be >= 1")
+    if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
+        raise ValueError(
+            f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} must both be [N,P]"
+        )
+    requests = []
+    for row in range(prompt_ids.shape[0]):
+        tokens = prompt_ids[row][prompt_mask[row].bool()].tolist()
+        if not tokens:
+            raise ValueError(f"prompt row {row} has no tokens (prompt_mask is all 0)")
+        requests += [(tokens, None if seed is None else sample_seed(seed, row, j)) for j in range(num_samples)]
+    return requests
+
+
 def sample_seed(seed: int, *path: int) -> int:
     """A 63-bit seed for one sample, from the call's seed and the sample's place (row, sample ...):
     engines that seed each sample apart make a sample independent of its neighbours in the batch."""
@@ -270,3 +290,24 @@ class RolloutEngine(ABC):
     def close(self) -> None:
         """Release what the engine holds outside Python's reach (threads, device memory)."""
         return None
+
+    def _load_tokens(self, model_path: str, trust_remote_code: bool) -> None:
+        """Tidal's tokenizer for the model, its stop set (tokenizer EOS + generation config) and pad id:
+        the same for every engine, so they stop on the same tokens."""
+        from transformers import GenerationConfig
+
+        from tidal.dataflow.tokenizer import eos_token_ids, load_tokenizer, pad_token_id
+
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        try:
+            generation_config: Any = GenerationConfig.from_pretrained(model_path)
+        except OSError:  # no generation_config.json: the tokenizer's EOS alone
+            generation_config = None
+        self.eos_token_ids = eos_token_ids(self.tokenizer, generation_config)
+        self.pad_token_id = pad_token_id(self.tokenizer, self.eos_token_ids)
+
+
+def generation_length(cfg: JobConfig) -> int:
+    """The longest prompt + response the job generates (training or held-out sampling)."""
+    longest = max(cfg.rollout.sampling.max_new_tokens, cfg.rollout.val_sampling.max_new_tokens)
+    return cfg.data.max_prompt_length + longest

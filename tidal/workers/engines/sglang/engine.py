@@ -17,21 +17,21 @@ scheduler, but Tidal's step-wise ContinuousEngine over it, with abort/resume, is
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from tidal.config.rollout_backend import SGLangBackend
 from tidal.config.schema import JobConfig, SamplingConfig
-from tidal.dataflow.tokenizer import eos_token_ids, load_tokenizer, pad_token_id
 from tidal.workers.engines.base import (
     ContinuousEngine,
     Generation,
     RolloutEngine,
+    generation_length,
     hf_parameter_shapes,
     hf_staging_tensors,
+    one_request_per_sample,
     pack_responses,
-    sample_seed,
 )
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ class SGLangEngine(RolloutEngine):
                 "give the rollout pool GPUs or use rollout.backend.type=vllm / embedded"
             )
         import sglang  # GPU-only dependency: the `sglang` extra
-        from transformers import AutoConfig, GenerationConfig
+        from transformers import AutoConfig
 
         self.backend = backend
         self.model_path = str(model_path)
@@ -78,13 +78,7 @@ class SGLangEngine(RolloutEngine):
             enable_weights_cpu_backup=backend.enable_sleep_mode,
             random_seed=0,
         )
-        self.tokenizer = load_tokenizer(self.model_path, trust_remote_code)
-        try:
-            generation_config: Any = GenerationConfig.from_pretrained(self.model_path)
-        except OSError:
-            generation_config = None
-        self.eos_token_ids = eos_token_ids(self.tokenizer, generation_config)
-        self.pad_token_id = pad_token_id(self.tokenizer, self.eos_token_ids)
+        self._load_tokens(self.model_path, trust_remote_code)
         hf_config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
         self.parameter_shapes = hf_parameter_shapes(hf_config)
         self._asleep = False
@@ -93,13 +87,12 @@ class SGLangEngine(RolloutEngine):
     def from_config(cls, cfg: JobConfig, ctx: WorkerContext) -> SGLangEngine:
         backend = cfg.rollout.backend
         assert isinstance(backend, SGLangBackend)
-        longest = max(cfg.rollout.sampling.max_new_tokens, cfg.rollout.val_sampling.max_new_tokens)
         return cls(
             cfg.model.path,
             backend,
             dtype=cfg.model.dtype,
             device=ctx.device,
-            context_length=cfg.data.max_prompt_length + longest,
+            context_length=generation_length(cfg),
             trust_remote_code=cfg.model.trust_remote_code,
         )
 
@@ -112,22 +105,20 @@ class SGLangEngine(RolloutEngine):
         seed: int | None = None,
         num_samples: int = 1,
     ) -> Generation:
+        requests = one_request_per_sample(prompt_ids, prompt_mask, num_samples, seed)
         self.wake()
-        inputs, params = [], []
-        for row in range(prompt_ids.shape[0]):
-            tokens = prompt_ids[row][prompt_mask[row].bool()].tolist()
-            for j in range(num_samples):
-                inputs.append(tokens)
-                params.append(
-                    {
-                        "temperature": sampling.temperature,
-                        "top_p": sampling.top_p,
-                        "top_k": sampling.top_k if sampling.top_k > 0 else -1,
-                        "max_new_tokens": sampling.max_new_tokens,
-                        "stop_token_ids": sorted(set(stop_token_ids)),
-                        **({} if seed is None else {"sampling_seed": sample_seed(seed, row, j) % (1 << 31)}),
-                    }
-                )
+        inputs = [tokens for tokens, _ in requests]
+        params = [
+            {
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "top_k": sampling.top_k if sampling.top_k > 0 else -1,
+                "max_new_tokens": sampling.max_new_tokens,
+                "stop_token_ids": sorted(set(stop_token_ids)),
+                **({} if sample is None else {"sampling_seed": sample % (1 << 31)}),
+            }
+            for _, sample in requests
+        ]
         if not inputs:
             return pack_responses([], [], self.pad_token_id)
         outputs = self.llm.generate(input_ids=inputs, sampling_params=params, return_logprob=True)

@@ -96,12 +96,7 @@ class VLLMContinuous(RequestQueue):
         for group in self.late(timeout_s):
             self._abort(group.seqs)
             self._open = [seq for seq in self._open if seq.group is not group]
-            if policy == "truncate":
-                for seq in group.seqs:
-                    seq.truncated = not seq.done
-                results.append(self._finish(group, "truncated"))
-            else:
-                results.append(self._finish(group, "dropped"))
+            results.append(self._end_late(group, policy))
         return results
 
     def rebuild(self) -> None:

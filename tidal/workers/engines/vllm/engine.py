@@ -35,14 +35,14 @@ import torch
 
 from tidal.config.rollout_backend import VLLMBackend
 from tidal.config.schema import JobConfig, SamplingConfig
-from tidal.dataflow.tokenizer import eos_token_ids, load_tokenizer, pad_token_id
 from tidal.workers.engines.base import (
     Generation,
     RolloutEngine,
+    generation_length,
     hf_parameter_shapes,
     hf_staging_tensors,
+    one_request_per_sample,
     pack_responses,
-    sample_seed,
 )
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class VLLMEngine(RolloutEngine):
         max_model_len: int | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        from transformers import AutoConfig, GenerationConfig
+        from transformers import AutoConfig
 
         self.device = torch.device(device)
         self.backend = backend
@@ -107,13 +107,7 @@ class VLLMEngine(RolloutEngine):
             torch.set_num_threads = set_num_threads
         if backend.tensor_parallel_size > 1:
             _unlink_shared_memory_names(_mapped_shared_memory() - shared_before)
-        self.tokenizer = load_tokenizer(self.model_path, trust_remote_code)
-        try:
-            generation_config: Any = GenerationConfig.from_pretrained(self.model_path)
-        except OSError:  # no generation_config.json: the tokenizer's EOS alone
-            generation_config = None
-        self.eos_token_ids = eos_token_ids(self.tokenizer, generation_config)
-        self.pad_token_id = pad_token_id(self.tokenizer, self.eos_token_ids)
+        self._load_tokens(self.model_path, trust_remote_code)
         self.max_num_seqs = backend.max_num_seqs
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         hf_config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust_remote_code)
@@ -122,19 +116,19 @@ class VLLMEngine(RolloutEngine):
         # Continuous schedulers sharing this engine's vLLM scheduler (streaming mode): taken out of
         # vLLM before a one-shot generate or a weight load, resumed at their next step.
         self.streams: weakref.WeakSet[VLLMContinuous] = weakref.WeakSet()
+        self._staging: dict[str, torch.Tensor] | None = None
         self._asleep = False
 
     @classmethod
     def from_config(cls, cfg: JobConfig, ctx: WorkerContext) -> VLLMEngine:
         backend = cfg.rollout.backend
         assert isinstance(backend, VLLMBackend)
-        longest = max(cfg.rollout.sampling.max_new_tokens, cfg.rollout.val_sampling.max_new_tokens)
         return cls(
             cfg.model.path,
             backend,
             dtype=cfg.model.dtype,
             device=ctx.device,
-            max_model_len=backend.max_model_len or cfg.data.max_prompt_length + longest,
+            max_model_len=backend.max_model_len or generation_length(cfg),
             trust_remote_code=cfg.model.trust_remote_code,
         )
 
@@ -170,23 +164,12 @@ class VLLMEngine(RolloutEngine):
         seed: int | None = None,
         num_samples: int = 1,
     ) -> Generation:
-        if num_samples < 1:
-            raise ValueError(f"num_samples={num_samples} must be >= 1")
-        if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
-            raise ValueError(
-                f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} must both be [N,P]"
-            )
+        requests = one_request_per_sample(prompt_ids, prompt_mask, num_samples, seed)
         self.wake()
         self._suspend_streams()  # LLM.generate runs vLLM until every request in it is done
-        prompts, params = [], []
-        for row in range(prompt_ids.shape[0]):
-            tokens = prompt_ids[row][prompt_mask[row].bool()].tolist()
-            if not tokens:
-                raise ValueError(f"prompt row {row} has no tokens (prompt_mask is all 0)")
-            for j in range(num_samples):
-                prompts.append({"prompt_token_ids": tokens})
-                sample = None if seed is None else sample_seed(seed, row, j)
-                params.append(self.sampling_params(sampling, stop_token_ids, sample, sampling.max_new_tokens))
+        prompts = [{"prompt_token_ids": tokens} for tokens, _ in requests]
+        max_new = sampling.max_new_tokens
+        params = [self.sampling_params(sampling, stop_token_ids, s, max_new) for _, s in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
         sequences = [out.outputs[0] for out in outputs]
         return pack_responses(
@@ -203,10 +186,12 @@ class VLLMEngine(RolloutEngine):
     # ------------------------------------------------------------------ weights
 
     def write_weights(self, write: Callable[[dict[str, torch.Tensor]], T]) -> T:
-        # Staging is allocated per sync and freed after: a second full copy of the model must not
-        # stay on the device between syncs.
-        dtype = self.llm.llm_engine.model_config.dtype
-        staging = hf_staging_tensors(self.parameter_shapes, dtype, self.device)
+        staging = self._staging or hf_staging_tensors(
+            self.parameter_shapes, self.llm.llm_engine.model_config.dtype, self.device
+        )
+        # On a GPU the staging copy is freed after each sync (memory the KV cache needs); in host
+        # memory it is kept: allocating 0.5 GB per sync cost SmolLM2-135M 1.05 s instead of 0.71 s.
+        self._staging = staging if self.device.type == "cpu" else None
         result = write(staging)
         self._reload(staging.items())
         return result
