@@ -91,6 +91,24 @@ def tensor_parallel_size(backend: EmbeddedBackend | VLLMBackend | SGLangBackend)
     return "rollout.backend", 1
 
 
+def rollout_problems(cfg: Any) -> list[str]:
+    """Set the default engine for the rollout's device when the user chose none, then everything the
+    job's rollout settings rule out (`cfg`: the JobConfig being validated)."""
+    rollout = cfg.rollout
+    chosen = rollout.model_fields_set
+    # rollout.max_batch_size is the embedded engine's setting: setting it chooses that engine
+    if "backend" not in chosen and "max_batch_size" not in chosen and cfg.rollout_on_gpu:
+        object.__setattr__(rollout, "backend", VLLMBackend())  # bypass validate_assignment
+    if "max_batch_size" in chosen and rollout.backend.type != "embedded":
+        return [
+            f"rollout.max_batch_size={rollout.max_batch_size} sizes the embedded engine's batch, but the "
+            f"rollout runs on {rollout.backend.type}; set its own limit instead (vllm: "
+            "rollout.backend.max_num_seqs, sglang: rollout.backend.max_running_requests) or "
+            "rollout.backend.type=embedded"
+        ]
+    return backend_problems(cfg) + tensor_parallel_problems(cfg)
+
+
 def backend_problems(cfg: Any) -> list[str]:
     """What the rollout backend cannot do with the rest of the job (`cfg`: the JobConfig), as
     messages naming the field, the value and the fix. Settings a backend would ignore are refused."""

@@ -19,14 +19,7 @@ from tidal.config.algorithm import (  # noqa: F401  (AlgorithmConfig, KLControlC
     option_read_by_others,
 )
 from tidal.config.base import StrictModel
-from tidal.config.rollout_backend import (
-    EmbeddedBackend,
-    RolloutBackend,
-    VLLMBackend,
-    backend_from_name,
-    backend_problems,
-    tensor_parallel_problems,
-)
+from tidal.config.rollout_backend import EmbeddedBackend, RolloutBackend, backend_from_name, rollout_problems
 from tidal.config.streaming import StreamingConfig, TrainerMode, check_mode
 from tidal.registry import POLICY_LOSSES, PREFERENCE_LOSSES
 
@@ -543,27 +536,11 @@ class JobConfig(StrictModel):
                     f"set algorithm.preference.type (dpo, simpo or redi) or remove data.{pair_keys[0]}"
                 )
         self._check_reference_responses()
-        self._choose_rollout_backend()
-        problems = backend_problems(self) + tensor_parallel_problems(self)
+        problems = rollout_problems(self)  # (chooses the default engine per device first)
         if problems:
             raise ValueError(problems[0])
         check_mode(self)  # streaming runs rollout and training on separate pools
         return self
-
-    def _choose_rollout_backend(self) -> None:
-        """The default engine per device, and the embedded engine's batch setting kept to it."""
-        rollout = self.rollout
-        chosen = rollout.model_fields_set
-        # rollout.max_batch_size is the embedded engine's setting: setting it chooses that engine
-        if "backend" not in chosen and "max_batch_size" not in chosen and self.rollout_on_gpu:
-            object.__setattr__(rollout, "backend", VLLMBackend())  # bypass validate_assignment
-        if "max_batch_size" in rollout.model_fields_set and rollout.backend.type != "embedded":
-            raise ValueError(
-                f"rollout.max_batch_size={rollout.max_batch_size} sizes the embedded engine's batch, but the "
-                f"rollout runs on {rollout.backend.type}; set its own limit instead (vllm: "
-                "rollout.backend.max_num_seqs, sglang: rollout.backend.max_running_requests) or "
-                "rollout.backend.type=embedded"
-            )
 
     def _check_reference_responses(self) -> None:
         """PAR's data baseline and data.reference_response_key go together, and need data files."""
