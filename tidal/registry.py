@@ -89,6 +89,8 @@ class EngineMeta:
     """It has no CPU implementation: a job that gives its role no GPU is refused before it starts."""
     continuous: bool = True
     """A rollout engine with continuous batching (streaming mode needs it)."""
+    package: str | None = None
+    """The package it imports, which must be installed where it runs (None: Tidal's own code)."""
 
 
 # ------------------------------------------------------------------------------------ registry
@@ -352,9 +354,9 @@ REWARD_FUNCTIONS.declare("math_verify", "tidal.workers.rewards.math_verify:math_
 # interface of tidal/workers/engines/base.py, and never names a concrete engine.
 ROLLOUT_ENGINES: Registry[Any] = Registry("rollout engine", field="rollout.backend.type", metadata=EngineMeta)
 ROLLOUT_ENGINES.declare("embedded", "tidal.workers.engines.embedded.engine:EmbeddedEngine")
-ROLLOUT_ENGINES.declare("vllm", "tidal.workers.engines.vllm.engine:VLLMEngine")
+ROLLOUT_ENGINES.declare("vllm", "tidal.workers.engines.vllm.engine:VLLMEngine", package="vllm")
 ROLLOUT_ENGINES.declare(
-    "sglang", "tidal.workers.engines.sglang.engine:SGLangEngine", needs_gpu=True, continuous=False
+    "sglang", "tidal.workers.engines.sglang.engine:SGLangEngine", needs_gpu=True, continuous=False, package="sglang"
 )
 
 TRAIN_ENGINES: Registry[Any] = Registry("train engine", field="actor.backend", metadata=EngineMeta)

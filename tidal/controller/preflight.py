@@ -184,7 +184,9 @@ def check_engine_installed(cfg: JobConfig) -> list[str]:
     cluster's workers may have what the driver lacks)."""
     import importlib.util
 
-    package = {"vllm": "vllm", "sglang": "sglang"}.get(cfg.rollout.backend.type)
+    from tidal.registry import ROLLOUT_ENGINES
+
+    package = ROLLOUT_ENGINES.meta(cfg.rollout.backend.type).package
     if package is None or importlib.util.find_spec(package) is not None:
         return []
     default = "" if "backend" in cfg.rollout.model_fields_set else " (the default when the rollout has GPUs)"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime
 import time
 import uuid
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import ray
 import torch.distributed as dist
@@ -30,6 +30,9 @@ import torch.distributed as dist
 from tidal.config.schema import JobConfig
 from tidal.controller.worker_group import WorkerGroup
 from tidal.resharding.bridge_group import begun_key
+
+if TYPE_CHECKING:
+    from tidal.controller.cluster import Cluster
 
 Method = Literal["reshard", "gather"]
 METHODS = ("reshard", "gather")
@@ -232,3 +235,8 @@ def _metrics(
     out["weight_sync/seconds"] = seconds
     out["weight_sync/version"] = float(version)
     return out
+
+
+def actor_to_rollout(cluster: Cluster, cfg: JobConfig) -> WeightBridge:
+    """The bridge from the actor's pool to the rollout's (sync mode on two pools, streaming mode)."""
+    return WeightBridge(cluster.group_of("actor"), "actor", cluster.group_of("rollout"), "rollout", cfg)

@@ -37,9 +37,9 @@ class InProcessWeightSync:
 
 class BridgeWeightSync:
     def __init__(self, cluster: Cluster, cfg: JobConfig):
-        from tidal.controller.weight_bridge import WeightBridge
+        from tidal.controller.weight_bridge import actor_to_rollout
 
-        self.bridge = WeightBridge(cluster.group_of("actor"), "actor", cluster.group_of("rollout"), "rollout", cfg)
+        self.bridge = actor_to_rollout(cluster, cfg)
 
     def push(self, version: int) -> dict[str, float]:
         return self.bridge.sync(version)

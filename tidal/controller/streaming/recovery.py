@@ -42,9 +42,9 @@ PING_TIMEOUT_S = 10.0  # a rank that does not answer within this is busy, not de
 
 def rollout_bridge(job: Job) -> WeightBridge:
     """The weight bridge from the trainer's pool to the rollout pool (built again after a restart)."""
-    from tidal.controller.weight_bridge import WeightBridge
+    from tidal.controller.weight_bridge import actor_to_rollout
 
-    return WeightBridge(job.cluster.group_of("actor"), "actor", job.cluster.group_of("rollout"), "rollout", job.cfg)
+    return actor_to_rollout(job.cluster, job.cfg)
 
 
 def dead_ranks(group: WorkerGroup, timeout_s: float = PING_TIMEOUT_S) -> list[int]:
